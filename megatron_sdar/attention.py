@@ -1,0 +1,174 @@
+"""SDAR core attention: a Megatron ``core_attention`` module for the block-diffusion mask.
+
+It plugs into ``SelfAttention`` through ``ModuleSpec`` (see :mod:`megatron_sdar.model`). Megatron
+hands it the ``attention_mask`` argument untouched; for SDAR that argument is the small ``[b, 2, L]``
+layout tensor from :mod:`megatron_sdar.masks`. The attention mask proper is derived from it here and
+cached per layout, so all layers of a micro-batch (and an activation-recompute replay) share one
+mask, and nothing unpicklable ever crosses ``save_for_backward``.
+
+Back ends, one meaning:
+
+* ``flex``: FlexAttention with a ``BlockMask`` built from the mask function (CUDA; compiled);
+* ``sdpa``: ``scaled_dot_product_attention`` with a dense boolean mask (CPU, tests, reference).
+
+GQA is passed through to both kernels (``enable_gqa``) instead of repeating K/V.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_sdar.masks import CleanAttention, build_block_mask, dense_sdar_mask
+
+ATTENTION_BACKENDS = ("auto", "flex", "sdpa")
+
+
+class SDARMaskCache:
+    """Masks derived from layout tensors, keyed on the layout tensor's identity.
+
+    Every layer receives the very same layout tensor object for a micro-batch, so an identity
+    lookup finds the mask the first layer built. A few entries are kept for pipeline schedules that
+    interleave micro-batches. Entries hold a reference to their layout, so identities stay valid.
+    """
+
+    def __init__(self, max_entries: int = 8) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple, tuple[torch.Tensor, Any]] = OrderedDict()
+        self.builds = 0  # number of masks built; tests use it to check sharing
+
+    def get(self, layout: torch.Tensor, clean_attention: CleanAttention, backend: str) -> Any:
+        key = (id(layout), layout._version, clean_attention, backend)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is layout:
+            self._entries.move_to_end(key)
+            return entry[1]
+        with torch.no_grad():
+            if backend == "flex":
+                mask = build_block_mask(layout, clean_attention, compile=layout.is_cuda)
+            else:
+                mask = dense_sdar_mask(layout, clean_attention)
+        self.builds += 1
+        self._entries[key] = (layout, mask)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return mask
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+MASK_CACHE = SDARMaskCache()
+
+_compiled_flex = None
+
+
+def _flex_attention():
+    """The compiled FlexAttention kernel (compiled once per process)."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Pick the kernel: FlexAttention on CUDA, dense-mask SDPA elsewhere (FlexAttention has no CPU
+    backward)."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown SDAR attention backend {backend!r}; use one of {ATTENTION_BACKENDS}")
+    if backend == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    if backend == "flex" and device.type != "cuda":
+        raise ValueError("the flex attention backend needs CUDA; use 'sdpa' (or 'auto') on CPU")
+    return backend
+
+
+class SDARCoreAttention(MegatronModule):
+    """Core attention over ``[x_t ; x_0]`` under the SDAR mask.
+
+    Inputs follow Megatron's contract: query ``[2L, b, heads_per_tp, d]``, key/value
+    ``[2L, b, groups_per_tp, d]``; output ``[2L, b, heads_per_tp * d]``. ``attention_mask`` is the
+    ``[b, 2, L]`` layout tensor.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        cp_comm_type: str | None = None,
+        softmax_scale: float | None = None,
+        pg_collection: Any = None,
+        clean_attention: CleanAttention | str = CleanAttention.BLOCK_CAUSAL,
+        backend: str = "auto",
+        mask_cache: SDARMaskCache | None = None,
+    ) -> None:
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError(
+                "SDAR attention does not support context parallelism yet "
+                "(--context-parallel-size must be 1)"
+            )
+        if config.attention_dropout != 0.0:
+            raise ValueError(
+                f"SDAR attention does not implement attention dropout (got "
+                f"attention_dropout={config.attention_dropout}); set --attention-dropout 0"
+            )
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown SDAR attention backend {backend!r}; use one of {ATTENTION_BACKENDS}")
+        self.layer_number = layer_number
+        self.clean_attention = CleanAttention(clean_attention)
+        self.backend = backend
+        self.mask_cache = mask_cache if mask_cache is not None else MASK_CACHE
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: Any = None,
+    ) -> torch.Tensor:
+        if attention_mask is None or attention_mask.dim() != 3 or attention_mask.shape[1] != 2:
+            shape = None if attention_mask is None else tuple(attention_mask.shape)
+            raise ValueError(
+                "SDAR attention needs the [batch, 2, L] layout tensor from "
+                f"megatron_sdar.masks.make_layout as attention_mask, got {shape}"
+            )
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("SDAR attention supports neither packed THD sequences nor attention bias")
+        seq, batch = query.shape[0], query.shape[1]
+        if seq != 2 * attention_mask.shape[-1] or batch != attention_mask.shape[0]:
+            raise ValueError(
+                f"query covers {seq} tokens x {batch} rows but the layout describes "
+                f"2 x {attention_mask.shape[-1]} tokens x {attention_mask.shape[0]} rows"
+            )
+        # [s, b, h, d] -> [b, h, s, d]
+        q = query.permute(1, 2, 0, 3)
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+        gqa = q.shape[1] != k.shape[1]
+        backend = resolve_backend(self.backend, query.device)
+        mask = self.mask_cache.get(attention_mask, self.clean_attention, backend)
+        if backend == "flex":
+            out = _flex_attention()(q, k, v, block_mask=mask, scale=self.softmax_scale, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=self.softmax_scale, enable_gqa=gqa
+            )
+        # [b, h, s, d] -> [s, b, h * d]
+        return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)

@@ -1,0 +1,220 @@
+"""The SDAR model: Megatron-Core's ``GPTModel`` with SDAR attention, positions and output.
+
+Composition, not patching:
+
+* the layer spec is Megatron's own (local or Transformer Engine) with its ``core_attention``
+  replaced by :class:`~megatron_sdar.attention.SDARCoreAttention` (:func:`sdar_layer_spec`);
+* :class:`SDARModel` subclasses ``GPTModel`` to compute RoPE from explicit position ids (the noised
+  copy gets the clean copy's positions) and to run the output layer and the vocab-parallel
+  cross-entropy on the noised half only, which is all the loss needs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from functools import partial
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_sdar.attention import SDARCoreAttention
+from megatron_sdar.config import SDARConfig
+from megatron_sdar.positions import PositionRotaryEmbedding
+
+
+def with_sdar_core_attention(spec: Any, sdar: SDARConfig) -> Any:
+    """A copy of a layer or decoder-block spec whose self-attention uses SDAR core attention."""
+    spec = copy.deepcopy(spec)
+    builder = partial(
+        SDARCoreAttention, clean_attention=sdar.clean_attention, backend=sdar.attention_backend
+    )
+
+    def patch_layer(layer_spec: ModuleSpec) -> None:
+        attn = getattr(layer_spec.submodules, "self_attention", None)
+        subs = getattr(attn, "submodules", None)
+        if subs is None or not hasattr(subs, "core_attention"):
+            raise ValueError(f"layer spec {layer_spec.module} has no self-attention core to replace")
+        subs.core_attention = builder
+
+    if isinstance(spec, TransformerBlockSubmodules):
+        for layer_spec in spec.layer_specs:
+            patch_layer(layer_spec)
+    elif isinstance(spec, ModuleSpec) and isinstance(spec.submodules, TransformerBlockSubmodules):
+        for layer_spec in spec.submodules.layer_specs:
+            patch_layer(layer_spec)
+    else:
+        patch_layer(spec)
+    return spec
+
+
+def sdar_layer_spec(config: TransformerConfig, sdar: SDARConfig, use_transformer_engine: bool = False) -> Any:
+    """Megatron's GPT layer spec for ``config`` (dense; MoE through the decoder-block spec) with SDAR
+    core attention."""
+    if config.num_moe_experts:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+        base = get_gpt_decoder_block_spec(
+            config, use_transformer_engine=use_transformer_engine, normalization=config.normalization
+        )
+    elif use_transformer_engine:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        base = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    else:
+        base = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
+    return with_sdar_core_attention(base, sdar)
+
+
+class SDARModel(GPTModel):
+    """``GPTModel`` over ``[x_t ; x_0]`` trained with the block-diffusion objective.
+
+    ``forward(input_ids [b, 2L], position_ids [b, 2L], attention_mask = layout [b, 2, L],
+    labels = x_0 [b, L])`` returns ``[b, L, 2]``: per-token cross-entropy of the noised half against
+    the clean token at the same position, and whether the prediction was right (for logging).
+    Without labels it returns the noised half's logits ``[b, L, vocab / tp]``.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        transformer_layer_spec: Any,
+        vocab_size: int,
+        max_sequence_length: int,
+        sdar_config: SDARConfig,
+        rotary_base: float = 10000.0,
+        rotary_percent: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        if config.sequence_parallel:
+            raise ValueError(
+                "SDAR's noised-half output layer does not support --sequence-parallel yet; "
+                "drop the flag"
+            )
+        if kwargs.pop("position_embedding_type", "rope") != "rope":
+            raise ValueError("the SDAR model uses rotary position embeddings only")
+        # The parent builds no rotary module: positions come from explicit ids (PositionRotaryEmbedding).
+        super().__init__(
+            config=config,
+            transformer_layer_spec=transformer_layer_spec,
+            vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length,
+            position_embedding_type="none",
+            **kwargs,
+        )
+        self.sdar_config = sdar_config
+        self.sdar_rotary = PositionRotaryEmbedding(config.kv_channels, rotary_base, rotary_percent)
+        self.rotary_base = rotary_base
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        decoder_input: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        unsupported = {k for k, v in kwargs.items() if v is not None}
+        if unsupported:
+            raise ValueError(f"SDARModel.forward does not take {sorted(unsupported)}")
+        if decoder_input is None and self.pre_process:
+            decoder_input = self.embedding(input_ids=input_ids, position_ids=None)
+        rotary = self.sdar_rotary(position_ids)
+        hidden = self.decoder(
+            hidden_states=decoder_input, attention_mask=attention_mask, rotary_pos_emb=rotary
+        )
+        if not self.post_process:
+            return hidden
+        return self.noised_half_output(hidden, labels)
+
+    def noised_half_output(self, hidden: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Output layer and loss on the noised half ``hidden[:L]`` only."""
+        seq_len = hidden.shape[0] // 2
+        output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden[:seq_len], weight=output_weight)  # [L, b, v/tp]
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        ce = self.compute_language_model_loss(labels, logits)  # [b, L]
+        correct = vocab_parallel_correct(logits.detach(), labels, self.tp_group)
+        return torch.stack([ce, correct.to(ce.dtype)], dim=-1)
+
+
+def vocab_parallel_correct(logits: torch.Tensor, labels: torch.Tensor, tp_group: Any) -> torch.Tensor:
+    """Whether the label is the argmax of vocab-parallel ``logits`` ``[s, b, v/tp]``; ``[b, s]``."""
+    tp_size = torch.distributed.get_world_size(tp_group) if tp_group is not None else 1
+    part = logits.shape[-1]
+    rank = torch.distributed.get_rank(tp_group) if tp_size > 1 else 0
+    labels_sb = labels.transpose(0, 1)
+    local = labels_sb - rank * part
+    in_range = (local >= 0) & (local < part)
+    target = torch.gather(logits, -1, local.clamp(0, part - 1).unsqueeze(-1)).squeeze(-1)
+    target = torch.where(in_range, target, torch.zeros_like(target)).float()
+    best = logits.max(dim=-1).values.float()
+    if tp_size > 1:
+        torch.distributed.all_reduce(target, group=tp_group)
+        torch.distributed.all_reduce(best, op=torch.distributed.ReduceOp.MAX, group=tp_group)
+    return (target >= best).transpose(0, 1)
+
+
+def qwen3_transformer_config(**overrides: Any) -> TransformerConfig:
+    """A ``TransformerConfig`` with Qwen3's architecture choices (GQA sizes come from overrides)."""
+    base: dict[str, Any] = dict(
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-6,
+        qk_layernorm=True,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+    )
+    base.update(overrides)
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    unknown = set(base) - fields
+    if unknown:
+        raise ValueError(f"not TransformerConfig fields: {sorted(unknown)}")
+    return TransformerConfig(**base)
+
+
+def build_sdar_model(
+    config: TransformerConfig,
+    sdar_config: SDARConfig,
+    vocab_size: int,
+    max_sequence_length: int,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    share_embeddings_and_output_weights: bool = False,
+    rotary_base: float = 10000.0,
+    use_transformer_engine: bool = False,
+    vp_stage: int | None = None,
+) -> SDARModel:
+    """Build the SDAR model for this pipeline stage (stage flags default to the current rank's)."""
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    return SDARModel(
+        config=config,
+        transformer_layer_spec=sdar_layer_spec(config, sdar_config, use_transformer_engine),
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        sdar_config=sdar_config,
+        rotary_base=rotary_base,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+        vp_stage=vp_stage,
+    )
