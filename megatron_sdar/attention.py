@@ -116,8 +116,7 @@ class SDARCoreAttention(MegatronModule):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
             raise ValueError(
-                "SDAR attention does not support context parallelism yet "
-                "(--context-parallel-size must be 1)"
+                "SDAR attention does not support context parallelism yet (--context-parallel-size must be 1)"
             )
         if config.attention_dropout != 0.0:
             raise ValueError(

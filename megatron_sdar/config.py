@@ -10,14 +10,14 @@ from megatron_sdar.masks import BlockCounting, CleanAttention
 from megatron_sdar.noise import NoiseUnit
 
 
-class LossNormalizer(str, enum.Enum):
+class LossNormalizer(enum.StrEnum):
     """What the summed, 1/p-weighted masked cross-entropy is divided by (globally)."""
 
     ELIGIBLE = "eligible"  # tokens that could be masked (released SDAR code)
     MASKED = "masked"  # tokens that were masked (older choice)
 
 
-class PositionIds(str, enum.Enum):
+class PositionIds(enum.StrEnum):
     """RoPE positions of a packed window."""
 
     CONTINUOUS = "continuous"  # 0..L-1 across documents (Megatron pretraining)
@@ -26,7 +26,7 @@ class PositionIds(str, enum.Enum):
 
 @dataclass
 class SDARConfig:
-    """The block-diffusion objective's settings; see ``../docs`` and the method note."""
+    """The block-diffusion objective's settings."""
 
     block_size: int = 4
     mask_token_id: int = -1
@@ -45,7 +45,9 @@ class SDARConfig:
         self.block_counting = BlockCounting(self.block_counting)
         self.position_ids = PositionIds(self.position_ids)
 
-    def validate(self, seq_length: int, vocab_size: int, special_token_ids: dict[str, int] | None = None) -> None:
+    def validate(
+        self, seq_length: int, vocab_size: int, special_token_ids: dict[str, int] | None = None
+    ) -> None:
         """Raise ``ValueError`` saying what to change when the settings cannot work together."""
         if self.block_size < 1:
             raise ValueError(f"--sdar-block-size must be >= 1, got {self.block_size}")
@@ -70,6 +72,5 @@ class SDARConfig:
             raise ValueError(f"--sdar-noise-eps must be in [0, 1), got {self.noise_eps}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
-                f"unknown SDAR attention backend {self.attention_backend!r}; "
-                f"use one of {ATTENTION_BACKENDS}"
+                f"unknown SDAR attention backend {self.attention_backend!r}; use one of {ATTENTION_BACKENDS}"
             )

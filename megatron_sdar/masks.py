@@ -17,7 +17,7 @@ activation recompute and pipeline sends, and every layer derives the same mask f
 from __future__ import annotations
 
 import enum
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -25,14 +25,14 @@ LAYOUT_DOC = 0
 LAYOUT_BLOCK = 1
 
 
-class BlockCounting(str, enum.Enum):
+class BlockCounting(enum.StrEnum):
     """Where block boundaries are counted from."""
 
     DOCUMENT = "document"  # from each document's first token (SDAR's SFT code)
     WINDOW = "window"  # from the window's first token, ``i // B``
 
 
-class CleanAttention(str, enum.Enum):
+class CleanAttention(enum.StrEnum):
     """How the clean half attends to itself."""
 
     BLOCK_CAUSAL = "block_causal"  # what inference sees; the SDAR paper and code

@@ -32,9 +32,7 @@ from megatron_sdar.positions import PositionRotaryEmbedding
 def with_sdar_core_attention(spec: Any, sdar: SDARConfig) -> Any:
     """A copy of a layer or decoder-block spec whose self-attention uses SDAR core attention."""
     spec = copy.deepcopy(spec)
-    builder = partial(
-        SDARCoreAttention, clean_attention=sdar.clean_attention, backend=sdar.attention_backend
-    )
+    builder = partial(SDARCoreAttention, clean_attention=sdar.clean_attention, backend=sdar.attention_backend)
 
     def patch_layer(layer_spec: ModuleSpec) -> None:
         attn = getattr(layer_spec.submodules, "self_attention", None)
@@ -94,8 +92,7 @@ class SDARModel(GPTModel):
     ) -> None:
         if config.sequence_parallel:
             raise ValueError(
-                "SDAR's noised-half output layer does not support --sequence-parallel yet; "
-                "drop the flag"
+                "SDAR's noised-half output layer does not support --sequence-parallel yet; drop the flag"
             )
         if kwargs.pop("position_embedding_type", "rope") != "rope":
             raise ValueError("the SDAR model uses rotary position embeddings only")
@@ -137,7 +134,9 @@ class SDARModel(GPTModel):
     def noised_half_output(self, hidden: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Output layer and loss on the noised half ``hidden[:L]`` only."""
         seq_len = hidden.shape[0] // 2
-        output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        output_weight = (
+            self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        )
         logits, _ = self.output_layer(hidden[:seq_len], weight=output_weight)  # [L, b, v/tp]
         if labels is None:
             return logits.transpose(0, 1).contiguous()
@@ -202,6 +201,16 @@ def build_sdar_model(
     vp_stage: int | None = None,
 ) -> SDARModel:
     """Build the SDAR model for this pipeline stage (stage flags default to the current rank's)."""
+    if parallel_state.model_parallel_is_initialized():
+        for field, actual in (
+            ("tensor_model_parallel_size", parallel_state.get_tensor_model_parallel_world_size()),
+            ("pipeline_model_parallel_size", parallel_state.get_pipeline_model_parallel_world_size()),
+        ):
+            if getattr(config, field) != actual:
+                raise ValueError(
+                    f"TransformerConfig.{field}={getattr(config, field)} but Megatron was initialised "
+                    f"with {actual}; build the config with the parallel sizes in use"
+                )
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:

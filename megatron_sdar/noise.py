@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 
-class NoiseUnit(str, enum.Enum):
+class NoiseUnit(enum.StrEnum):
     """What one draw of ``t`` covers."""
 
     DOCUMENT = "document"
@@ -60,9 +60,7 @@ def sample_t(
         raise ValueError("per-block noise needs the block indices of each token")
     ids = _unit_ids(doc_ids, blocks if unit is NoiseUnit.BLOCK else None)
     batch, seq_len = doc_ids.shape
-    draws = torch.rand(
-        (batch, seq_len), generator=generator, device=doc_ids.device, dtype=torch.float32
-    )
+    draws = torch.rand((batch, seq_len), generator=generator, device=doc_ids.device, dtype=torch.float32)
     return torch.gather(draws, 1, ids)
 
 

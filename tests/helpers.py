@@ -1,0 +1,74 @@
+"""Shared test helpers: a single-process Megatron world and tiny SDAR models."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import torch
+
+from megatron_sdar.config import SDARConfig
+from megatron_sdar.model import SDARModel, build_sdar_model, qwen3_transformer_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_megatron(
+    tp: int = 1, pp: int = 1, rank: int = 0, world_size: int = 1, port: int | None = None
+) -> None:
+    """Initialise torch.distributed over gloo and Megatron's model-parallel groups (idempotent)."""
+    from megatron.core import parallel_state
+
+    if not torch.distributed.is_initialized():
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(port if port is not None else free_port())
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
+
+
+TINY = dict(
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    kv_channels=16,
+    ffn_hidden_size=128,
+)
+
+
+def tiny_model(
+    sdar: SDARConfig | None = None,
+    vocab_size: int = 128,
+    seq_length: int = 64,
+    tied: bool = False,
+    seed: int = 0,
+    **config_overrides: Any,
+) -> SDARModel:
+    """A tiny Qwen3-shaped SDAR model in fp32 on CPU."""
+    sdar = sdar or SDARConfig(block_size=4, mask_token_id=vocab_size - 1)
+    torch.manual_seed(seed)
+    from megatron.core import parallel_state
+
+    overrides = {
+        **TINY,
+        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        **config_overrides,
+    }
+    config = qwen3_transformer_config(use_cpu_initialization=True, params_dtype=torch.float32, **overrides)
+    return build_sdar_model(
+        config,
+        sdar,
+        vocab_size=vocab_size,
+        max_sequence_length=2 * seq_length,
+        share_embeddings_and_output_weights=tied,
+        rotary_base=10000.0,
+    )

@@ -1,0 +1,190 @@
+"""Run one SDAR training step through Megatron's forward-backward schedule at a given TP/PP.
+
+``ref`` phase (one process, TP=PP=1): build a tiny model, run the step, save weights, loss, grads.
+``par`` phase (several processes): load the reference weights sharded for this rank's TP/PP
+position, run the same micro-batches, gather gradients back to full shape and compare.
+Exit status 0 means equal within tolerance; the comparison is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from functools import partial
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+NUM_LAYERS = 4
+VOCAB = 128
+SEQ = 32
+MBS = 2
+NUM_MICROBATCHES = 3
+
+
+def make_batches(sdar):
+    from megatron_sdar.batch import build_sdar_batch
+    from megatron_sdar.masks import document_ids_from_eod
+
+    gen = torch.Generator().manual_seed(1234)
+    batches = []
+    for _ in range(NUM_MICROBATCHES):
+        tokens = torch.randint(2, VOCAB - 1, (MBS, SEQ), generator=gen)
+        eod = torch.rand((MBS, SEQ), generator=gen) < 0.08
+        tokens[eod] = 1
+        doc_ids = document_ids_from_eod(tokens, 1)
+        eligible = torch.rand((MBS, SEQ), generator=gen) < 0.9
+        batches.append(build_sdar_batch(tokens, doc_ids, eligible, sdar, gen))
+    return batches
+
+
+def tp_split_dim(name: str) -> int | None:
+    """Which dimension a parameter is split on across tensor-parallel ranks (None: replicated)."""
+    if name.endswith(
+        ("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_fc1.weight")
+    ):
+        return 0
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return 1
+    return None
+
+
+def shard(name: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    dim = tp_split_dim(name)
+    if dim is None or size == 1:
+        return full.clone()
+    if name.endswith("linear_fc1.weight"):  # [gate; up]: each rank holds [gate_r; up_r]
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(size, 0)[rank], up.chunk(size, 0)[rank]], dim=0).clone()
+    return full.chunk(size, dim=dim)[rank].clone()
+
+
+def unshard(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    dim = tp_split_dim(name)
+    if dim is None or len(parts) == 1:
+        return parts[0]
+    if name.endswith("linear_fc1.weight"):
+        gates, ups = zip(*(p.chunk(2, dim=0) for p in parts))
+        return torch.cat([torch.cat(gates, 0), torch.cat(ups, 0)], 0)
+    return torch.cat(parts, dim=dim)
+
+
+def global_name(name: str, layer_offset: int) -> str:
+    """A pipeline stage's local parameter name -> the name in the unsplit model."""
+    prefix = "decoder.layers."
+    if name.startswith(prefix):
+        idx, rest = name[len(prefix) :].split(".", 1)
+        return f"{prefix}{int(idx) + layer_offset}.{rest}"
+    return name
+
+
+def run(args) -> int:
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_sdar.config import SDARConfig
+    from megatron_sdar.loss import sdar_loss
+    from tests.cpu_shims import install_cpu_schedule_shims
+    from tests.helpers import init_megatron, tiny_model
+
+    init_megatron(tp=args.tp, pp=args.pp, rank=args.rank, world_size=args.world_size, port=args.port)
+    install_cpu_schedule_shims()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+
+    sdar = SDARConfig(block_size=4, mask_token_id=VOCAB - 1, clean_attention=args.clean_attention)
+    model = tiny_model(
+        sdar,
+        vocab_size=VOCAB,
+        seq_length=SEQ,
+        tied=args.tied,
+        num_layers=NUM_LAYERS,
+        pipeline_dtype=torch.float32,
+        calculate_per_token_loss=True,
+    )
+    layer_offset = pp_rank * (NUM_LAYERS // args.pp)
+
+    if args.phase == "par":
+        ref = torch.load(args.ref, weights_only=True)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                full = ref["weights"][global_name(name, layer_offset)]
+                param.copy_(shard(name, full, tp_rank, args.tp))
+
+    batches = make_batches(sdar)
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels)
+        return output, partial(sdar_loss, batch=batch, normalizer=sdar.loss_normalizer)
+
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(batches),
+        model=[model],
+        num_microbatches=NUM_MICROBATCHES,
+        seq_length=2 * SEQ,
+        micro_batch_size=MBS,
+        forward_only=False,
+    )
+    total_tokens = sum(int(b.eligible.sum()) for b in batches)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    for name, param in model.named_parameters():
+        # As Megatron's finalize_model_grads does: QK-norm weights are replicated across TP ranks
+        # but each rank sees only its own heads, so their gradients are summed over the TP group.
+        if args.tp > 1 and ("q_layernorm" in name or "k_layernorm" in name):
+            torch.distributed.all_reduce(param.grad, group=tp_group)
+    grads = {name: p.grad.detach() / total_tokens for name, p in model.named_parameters()}
+    loss = None
+    if parallel_state.is_pipeline_last_stage():
+        loss = float(sum(d["lm loss"][0] for d in losses)) / total_tokens
+
+    if args.phase == "ref":
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        torch.save({"weights": weights, "grads": grads, "loss": loss}, args.ref)
+        print(json.dumps({"loss": loss}))
+        return 0
+
+    ref = torch.load(args.ref, weights_only=True)
+    worst = 0.0
+    failures = []
+    for name, grad in grads.items():
+        parts = [torch.empty_like(grad) for _ in range(args.tp)]
+        torch.distributed.all_gather(parts, grad.contiguous(), group=tp_group)
+        full = unshard(name, parts)
+        expected = ref["grads"][global_name(name, layer_offset)]
+        diff = (full - expected).abs().max().item()
+        scale = expected.abs().max().item() + 1e-12
+        worst = max(worst, diff / scale)
+        if not torch.allclose(full, expected, rtol=1e-4, atol=1e-6):
+            failures.append(f"{global_name(name, layer_offset)}: max abs diff {diff:.3e} (scale {scale:.3e})")
+    result = {"rank": args.rank, "tp_rank": tp_rank, "pp_rank": pp_rank, "worst_rel_grad_diff": worst}
+    if loss is not None:
+        result["loss"] = loss
+        result["ref_loss"] = ref["loss"]
+        if abs(loss - ref["loss"]) > 1e-5 * max(1.0, abs(ref["loss"])):
+            failures.append(f"loss {loss} != reference {ref['loss']}")
+    result["failures"] = failures
+    print(json.dumps(result))
+    return 1 if failures else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--phase", choices=["ref", "par"], required=True)
+    parser.add_argument("--ref", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--world-size", type=int, default=1)
+    parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--tied", action="store_true")
+    parser.add_argument("--clean-attention", default="block_causal")
+    sys.exit(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
