@@ -22,7 +22,7 @@ NUM_LAYERS = 4
 VOCAB = 128
 SEQ = 32
 MBS = 2
-NUM_MICROBATCHES = 3
+NUM_MICROBATCHES = 4
 
 
 def make_batches(sdar):
@@ -95,7 +95,12 @@ def run(args) -> int:
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
 
-    sdar = SDARConfig(block_size=4, mask_token_id=VOCAB - 1, clean_attention=args.clean_attention)
+    sdar = SDARConfig(
+        block_size=4,
+        mask_token_id=VOCAB - 1,
+        clean_attention=args.clean_attention,
+        loss_normalizer=args.loss_normalizer,
+    )
     model = tiny_model(
         sdar,
         vocab_size=VOCAB,
@@ -114,7 +119,11 @@ def run(args) -> int:
                 full = ref["weights"][global_name(name, layer_offset)]
                 param.copy_(shard(name, full, tp_rank, args.tp))
 
-    batches = make_batches(sdar)
+    # Data parallelism: each DP rank takes its share of the reference micro-batches.
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    dp_group = parallel_state.get_data_parallel_group()
+    batches = make_batches(sdar)[dp_rank::dp_size]
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -125,22 +134,31 @@ def run(args) -> int:
         forward_step_func=forward_step,
         data_iterator=iter(batches),
         model=[model],
-        num_microbatches=NUM_MICROBATCHES,
+        num_microbatches=len(batches),
         seq_length=2 * SEQ,
         micro_batch_size=MBS,
         forward_only=False,
     )
-    total_tokens = sum(int(b.eligible.sum()) for b in batches)
+    # What Megatron's finalize_model_grads does with --calculate-per-token-loss: the token count
+    # reported by the loss function is taken from the last stage, summed over data-parallel ranks,
+    # and gradients (summed over DP) are divided by it. QK-norm weights are replicated across TP
+    # ranks but each rank sees only its own heads, so their gradients are summed over TP.
+    last = parallel_state.is_pipeline_last_stage()
+    stats = torch.zeros(2, dtype=torch.float64)
+    if last:
+        stats[0] = float(sum(d["lm loss"][0] for d in losses))
+        stats[1] = float(sum(d["lm loss"][1] for d in losses))
+    torch.distributed.all_reduce(stats, group=parallel_state.get_pipeline_model_parallel_group())
+    torch.distributed.all_reduce(stats, group=dp_group)
+    loss_sum, total_tokens = stats.tolist()
     tp_group = parallel_state.get_tensor_model_parallel_group()
     for name, param in model.named_parameters():
-        # As Megatron's finalize_model_grads does: QK-norm weights are replicated across TP ranks
-        # but each rank sees only its own heads, so their gradients are summed over the TP group.
         if args.tp > 1 and ("q_layernorm" in name or "k_layernorm" in name):
             torch.distributed.all_reduce(param.grad, group=tp_group)
+        if dp_size > 1:
+            torch.distributed.all_reduce(param.grad, group=dp_group)
     grads = {name: p.grad.detach() / total_tokens for name, p in model.named_parameters()}
-    loss = None
-    if parallel_state.is_pipeline_last_stage():
-        loss = float(sum(d["lm loss"][0] for d in losses)) / total_tokens
+    loss = loss_sum / total_tokens if last else None
 
     if args.phase == "ref":
         weights = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -183,6 +201,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--tied", action="store_true")
     parser.add_argument("--clean-attention", default="block_causal")
+    parser.add_argument("--loss-normalizer", default="eligible")
     sys.exit(run(parser.parse_args()))
 
 

@@ -1,5 +1,6 @@
-"""Parallel equivalence over gloo in subprocesses: TP=2 and PP=2 equal TP=PP=1 (loss and gradients)
-through Megatron's forward-backward schedule, with the same weights and micro-batches."""
+"""Parallel equivalence over gloo in subprocesses: TP=2, PP=2 and DP=2 equal one process (loss and
+gradients) through Megatron's forward-backward schedule, with the same weights and micro-batches.
+DP=2 with unequal token counts per rank checks that the loss normaliser is global."""
 
 from __future__ import annotations
 
@@ -42,9 +43,8 @@ def _run_reference(path: Path, extra: list[str]) -> dict:
     return _last_json(out)
 
 
-def _run_parallel(path: Path, tp: int, pp: int, extra: list[str]) -> list[dict]:
+def _run_parallel(path: Path, tp: int, pp: int, extra: list[str], world: int = 2) -> list[dict]:
     port = str(free_port())
-    world = tp * pp
     procs = [
         _worker(
             "--phase", "par", "--ref", str(path), "--tp", str(tp), "--pp", str(pp),
@@ -64,6 +64,7 @@ CASES = {
     "tp2": (2, 1, []),
     "tp2-tied-causal-clean": (2, 1, ["--tied", "--clean-attention", "causal"]),
     "pp2": (1, 2, []),
+    "dp2-masked-normalizer": (1, 1, ["--loss-normalizer", "masked"]),
 }
 
 
