@@ -1,0 +1,84 @@
+"""Tokenizers from local files only: a HF tokenizer directory or a SentencePiece model.
+
+Nothing is ever fetched from a hub: a path that does not exist is an error that says so.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class LocalTokenizer:
+    """The few things the data tools need from a tokenizer."""
+
+    backend: Any
+    kind: str  # "hf" or "sentencepiece"
+    eod_id: int
+    vocab_size: int
+    pad_id: int | None = None
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "hf":
+            return self.backend.encode(text, add_special_tokens=False)
+        return self.backend.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(ids)
+
+    def special_token_ids(self) -> dict[str, int]:
+        """Named special tokens in use (the mask token must differ from all of them)."""
+        ids = {"end-of-document": self.eod_id}
+        if self.pad_id is not None:
+            ids["padding"] = self.pad_id
+        return ids
+
+
+def load_tokenizer(path: str, eod_token: str | None = None) -> LocalTokenizer:
+    """Load a tokenizer from a HF directory (``tokenizer.json``/``tokenizer_config.json``) or a
+    SentencePiece ``.model`` file. ``eod_token`` overrides the end-of-document token."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"tokenizer path {path!r} does not exist; pass a local HF tokenizer directory or a "
+            "SentencePiece .model file (nothing is downloaded)"
+        )
+    if os.path.isdir(path):
+        return _load_hf(path, eod_token)
+    if path.endswith(".model"):
+        return _load_sentencepiece(path, eod_token)
+    raise ValueError(f"cannot tell the tokenizer type of {path!r}: expected a directory or a .model file")
+
+
+def _load_hf(path: str, eod_token: str | None) -> LocalTokenizer:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise ImportError("HF tokenizers need `transformers`: pip install -e '.[hf]'") from err
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if eod_token is not None:
+        eod_id = tok.convert_tokens_to_ids(eod_token)
+        if eod_id is None or eod_id == tok.unk_token_id:
+            raise ValueError(f"end-of-document token {eod_token!r} is not in the tokenizer at {path}")
+    elif tok.eos_token_id is not None:
+        eod_id = tok.eos_token_id
+    else:
+        raise ValueError(f"the tokenizer at {path} has no eos token; name one with --eod-token")
+    return LocalTokenizer(tok, "hf", int(eod_id), len(tok), tok.pad_token_id)
+
+
+def _load_sentencepiece(path: str, eod_token: str | None) -> LocalTokenizer:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=path)
+    if eod_token is not None:
+        eod_id = sp.piece_to_id(eod_token)
+        if eod_id == sp.unk_id() and eod_token != sp.id_to_piece(sp.unk_id()):
+            raise ValueError(f"end-of-document token {eod_token!r} is not in the SentencePiece model {path}")
+    elif sp.eos_id() >= 0:
+        eod_id = sp.eos_id()
+    else:
+        raise ValueError(f"the SentencePiece model {path} has no eos id; name one with --eod-token")
+    pad = sp.pad_id() if sp.pad_id() >= 0 else None
+    return LocalTokenizer(sp, "sentencepiece", int(eod_id), sp.get_piece_size(), pad)

@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""Tokenise text or JSONL into Megatron indexed datasets (``.bin``/``.idx``) for SDAR CPT.
+
+    python tools/preprocess_data.py --input corpus.jsonl --json-keys text \\
+        --tokenizer /path/to/hf_tokenizer_dir --output-prefix data/corpus --workers 8
+
+Each JSONL line is one document; plain text files are split into documents by blank lines
+(``--text-unit paragraph``, default), one per line (``line``) or one per file (``file``). The
+end-of-document token is appended to every document (it is what the SDAR masks use to find document
+boundaries inside a packed window). Output: ``{prefix}_{key}_document.bin/.idx`` per JSON key
+(``{prefix}_text_document`` for text input), written under temporary names and renamed when
+complete, so an interrupted run never leaves a dataset that looks valid.
+
+Lines that cannot be used (invalid JSON, missing key, value not a string, empty text) are reported
+with their file and line number and skipped; ``--strict`` turns the first one into an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+warnings.filterwarnings("ignore", category=UserWarning)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_TOKENIZER = None
+
+
+@dataclass
+class Record:
+    """One input document (or the reason it cannot be used)."""
+
+    source: str
+    line: int
+    texts: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+
+def read_records(path: str, fmt: str, keys: list[str], text_unit: str) -> Iterator[Record]:
+    """Yield documents from one input file with their 1-based starting line numbers."""
+    with open(path, encoding="utf-8", errors="strict") as f:
+        if fmt == "jsonl":
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                yield _json_record(path, lineno, line, keys)
+            return
+        if text_unit == "file":
+            yield _text_record(path, 1, f.read(), keys)
+            return
+        if text_unit == "line":
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    yield _text_record(path, lineno, line.rstrip("\n"), keys)
+            return
+        para: list[str] = []
+        start = 1
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                if not para:
+                    start = lineno
+                para.append(line.rstrip("\n"))
+            elif para:
+                yield _text_record(path, start, "\n".join(para), keys)
+                para = []
+        if para:
+            yield _text_record(path, start, "\n".join(para), keys)
+
+
+def _text_record(path: str, lineno: int, text: str, keys: list[str]) -> Record:
+    return Record(path, lineno, {keys[0]: text})
+
+
+def _json_record(path: str, lineno: int, line: str, keys: list[str]) -> Record:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        return Record(path, lineno, error=f"invalid JSON ({err.msg} at column {err.colno})")
+    if not isinstance(obj, dict):
+        return Record(path, lineno, error=f"expected a JSON object, got {type(obj).__name__}")
+    texts = {}
+    for key in keys:
+        if key not in obj:
+            return Record(path, lineno, error=f"missing key {key!r}")
+        if not isinstance(obj[key], str):
+            return Record(path, lineno, error=f"key {key!r} is {type(obj[key]).__name__}, not a string")
+        texts[key] = obj[key]
+    return Record(path, lineno, texts)
+
+
+def _init_worker(tokenizer_path: str, eod_token: str | None) -> None:
+    global _TOKENIZER
+    from megatron_sdar.tokenizer import load_tokenizer
+
+    _TOKENIZER = load_tokenizer(tokenizer_path, eod_token)
+
+
+def _encode(args: tuple[Record, bool]) -> tuple[Record, dict[str, list[int]]]:
+    record, append_eod = args
+    if record.error is not None:
+        return record, {}
+    out = {}
+    for key, text in record.texts.items():
+        if not text.strip():
+            record.error = f"empty text under {key!r}"
+            return record, {}
+        ids = _TOKENIZER.encode(text)
+        if append_eod:
+            ids.append(_TOKENIZER.eod_id)
+        out[key] = ids
+    return record, out
+
+
+def output_prefix(prefix: str, key: str) -> str:
+    return f"{prefix}_{key}_document"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", nargs="+", required=True, help="text or JSONL files")
+    p.add_argument("--input-format", choices=["auto", "jsonl", "text"], default="auto")
+    p.add_argument("--json-keys", nargs="+", default=["text"], help="JSONL keys to tokenise")
+    p.add_argument("--text-unit", choices=["paragraph", "line", "file"], default="paragraph")
+    p.add_argument("--tokenizer", required=True, help="local HF tokenizer dir or SentencePiece .model")
+    p.add_argument("--eod-token", default=None, help="end-of-document token (default: the eos token)")
+    p.add_argument("--no-append-eod", dest="append_eod", action="store_false")
+    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--strict", action="store_true", help="fail on the first unusable line")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    return p
+
+
+def _format(path: str) -> str:
+    return "jsonl" if path.endswith((".jsonl", ".json", ".jsonl.txt")) else "text"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    from megatron_sdar.tokenizer import load_tokenizer
+
+    for path in args.input:
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: input file {path!r} does not exist")
+    if args.workers < 1:
+        raise SystemExit("error: --workers must be >= 1")
+    tokenizer = load_tokenizer(args.tokenizer, args.eod_token)
+    keys = args.json_keys
+    formats = {p: (args.input_format if args.input_format != "auto" else _format(p)) for p in args.input}
+    if any(f == "text" for f in formats.values()) and len(keys) != 1:
+        raise SystemExit("error: text input has one field; pass a single --json-keys name (or none)")
+
+    prefixes = {key: output_prefix(args.output_prefix, key) for key in keys}
+    for prefix in prefixes.values():
+        for ext in (".bin", ".idx"):
+            if os.path.exists(prefix + ext) and not args.overwrite:
+                raise SystemExit(f"error: {prefix + ext} exists; pass --overwrite to replace it")
+    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+
+    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    tmp = {key: f"{prefix}.tmp{os.getpid()}" for key, prefix in prefixes.items()}
+    builders = {key: IndexedDatasetBuilder(tmp[key] + ".bin", dtype=dtype) for key in keys}
+
+    def records() -> Iterator[tuple[Record, bool]]:
+        for path in args.input:
+            for record in read_records(path, formats[path], keys, args.text_unit):
+                yield record, args.append_eod
+
+    stats: Counter = Counter()
+    dropped: list[str] = []
+    start = time.time()
+    last_report = start
+    pool = None
+    try:
+        if args.workers > 1:
+            pool = multiprocessing.get_context("spawn").Pool(
+                args.workers, initializer=_init_worker, initargs=(args.tokenizer, args.eod_token)
+            )
+            results = pool.imap(_encode, records(), chunksize=64)
+        else:
+            global _TOKENIZER
+            _TOKENIZER = tokenizer
+            results = map(_encode, records())
+        for record, ids in results:
+            if record.error is not None:
+                where = f"{record.source}:{record.line}"
+                if args.strict:
+                    raise SystemExit(f"error: {where}: {record.error} (drop --strict to skip such lines)")
+                stats["dropped"] += 1
+                stats[f"dropped: {record.error.split(' (')[0]}"] += 1
+                if len(dropped) < 20:
+                    dropped.append(f"{where}: {record.error}")
+                continue
+            for key, tokens in ids.items():
+                builders[key].add_document(np.asarray(tokens, dtype=np.int64), [len(tokens)])
+                stats[f"tokens[{key}]"] += len(tokens)
+            stats["documents"] += 1
+            now = time.time()
+            if not args.quiet and now - last_report > 2.0:
+                rate = stats["documents"] / (now - start)
+                print(f"\r{stats['documents']} documents ({rate:.0f}/s)", end="", file=sys.stderr)
+                last_report = now
+    except BaseException:
+        for path in tmp.values():
+            for ext in (".bin", ".idx"):
+                if os.path.exists(path + ext):
+                    os.remove(path + ext)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+    for key in keys:
+        builders[key].finalize(tmp[key] + ".idx")
+        os.replace(tmp[key] + ".bin", prefixes[key] + ".bin")
+        os.replace(tmp[key] + ".idx", prefixes[key] + ".idx")
+
+    elapsed = time.time() - start
+    summary = {
+        "documents": stats["documents"],
+        "tokens": {key: stats[f"tokens[{key}]"] for key in keys},
+        "dropped": stats["dropped"],
+        "dropped_by_reason": {
+            k[len("dropped: ") :]: v for k, v in stats.items() if k.startswith("dropped: ")
+        },
+        "outputs": list(prefixes.values()),
+        "seconds": round(elapsed, 2),
+    }
+    if not args.quiet:
+        print("", file=sys.stderr)
+    print(f"documents: {summary['documents']}")
+    for key in keys:
+        print(f"tokens[{key}]: {summary['tokens'][key]}  -> {prefixes[key]}.bin/.idx")
+    print(f"dropped lines: {summary['dropped']}")
+    for line in dropped:
+        print(f"  {line}")
+    if summary["dropped"] > len(dropped):
+        print(f"  ... and {summary['dropped'] - len(dropped)} more")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
