@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from megatron_sdar.config import PositionIds, SDARConfig
 from megatron_sdar.masks import make_layout
-from megatron_sdar.noise import apply_noise
+from megatron_sdar.noise import NoisedBatch, apply_noise
 from megatron_sdar.positions import sdar_position_ids
 
 
@@ -31,9 +31,13 @@ def build_sdar_batch(
     doc_ids: torch.Tensor,
     eligible: torch.Tensor,
     config: SDARConfig,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> SDARBatch:
-    """Noise ``tokens`` ``[b, L]`` (documents given by ``doc_ids``) and lay out the 2L input."""
+    """Noise ``tokens`` ``[b, L]`` (documents given by ``doc_ids``) and lay out the 2L input.
+
+    ``generator`` may be one generator for the whole batch or one per row (so a sample's noise can
+    depend on the sample alone, not on which micro-batch it landed in).
+    """
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [batch, L], got shape {tuple(tokens.shape)}")
     seq_len = tokens.shape[-1]
@@ -43,16 +47,22 @@ def build_sdar_batch(
         )
     tokens = tokens.to(torch.int64)
     layout = make_layout(doc_ids, config.block_size, config.block_counting)
-    noised = apply_noise(
-        tokens,
-        eligible,
-        doc_ids,
-        config.mask_token_id,
-        generator=generator,
-        eps=config.noise_eps,
-        unit=config.noise_unit,
-        blocks=layout[:, 1],
-    )
+    noise_args = dict(mask_token_id=config.mask_token_id, eps=config.noise_eps, unit=config.noise_unit)
+    if isinstance(generator, list):
+        if len(generator) != tokens.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for {tokens.shape[0]} rows")
+        rows = [
+            apply_noise(
+                tokens[i : i + 1], eligible[i : i + 1], doc_ids[i : i + 1], generator=g,
+                blocks=layout[i : i + 1, 1], **noise_args,
+            )
+            for i, g in enumerate(generator)
+        ]  # fmt: skip
+        noised = NoisedBatch(*(torch.cat([getattr(r, f.name) for r in rows]) for f in fields(NoisedBatch)))
+    else:
+        noised = apply_noise(
+            tokens, eligible, doc_ids, generator=generator, blocks=layout[:, 1], **noise_args
+        )
     return SDARBatch(
         input_ids=torch.cat([noised.noised_tokens, tokens], dim=-1),
         position_ids=sdar_position_ids(doc_ids, config.position_ids is PositionIds.DOCUMENT),

@@ -1,0 +1,422 @@
+"""The pieces ``pretrain_sdar.py`` hands to ``megatron.training.pretrain``.
+
+* :func:`add_sdar_args` / :func:`validate_sdar_args`: the ``--sdar-*`` argument group;
+* :func:`model_provider`: the SDAR model (or, for ``--sdar-objective ar``, the same architecture as a
+  plain causal LM, the in-framework baseline);
+* :func:`train_valid_test_datasets_provider`: CPT windows from Megatron's ``GPTDataset`` (blends,
+  splits and ``--data-path`` weights as in Megatron) or packed SFT windows;
+* :func:`forward_step` and the loss functions.
+
+Noise is drawn inside the dataset, from a generator seeded by ``(--seed, split, sample index)``.
+Every pipeline stage and tensor-parallel rank that sees a sample therefore draws the same noise, and
+a resumed run draws exactly what an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron_sdar.batch import build_sdar_batch
+from megatron_sdar.config import LossNormalizer, PositionIds, SDARConfig
+from megatron_sdar.loss import sdar_loss
+from megatron_sdar.masks import BlockCounting, CleanAttention, document_ids_from_eod
+from megatron_sdar.noise import NoiseUnit
+
+OBJECTIVES = ("sdar", "ar")
+STAGES = ("cpt", "sft")
+SPLIT_SEED_OFFSETS = {"train": 0, "valid": 1, "test": 2}
+
+
+def add_sdar_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``--sdar-*`` flags (Megatron's extra-args provider)."""
+    g = parser.add_argument_group("SDAR", "block-diffusion objective")
+    g.add_argument(
+        "--sdar-objective",
+        choices=OBJECTIVES,
+        default="sdar",
+        help="sdar: block diffusion over [x_t; x_0]; ar: the same model as a causal LM",
+    )
+    g.add_argument(
+        "--sdar-stage",
+        choices=STAGES,
+        default="cpt",
+        help="cpt: GPTDataset windows, every real token eligible; sft: packed chat windows "
+        "from tools/preprocess_sft.py, response tokens eligible",
+    )
+    g.add_argument("--sdar-block-size", type=int, default=4, help="block size B; must divide --seq-length")
+    g.add_argument(
+        "--sdar-mask-token-id",
+        type=int,
+        default=None,
+        help="id of the mask token (Qwen3: 151669); must be inside the vocabulary and "
+        "never occur in the data",
+    )
+    g.add_argument("--sdar-noise-eps", type=float, default=1e-3, help="p = (1 - eps) t + eps")
+    g.add_argument(
+        "--sdar-noise-unit",
+        choices=[u.value for u in NoiseUnit],
+        default="document",
+        help="draw t once per document (default) or once per block",
+    )
+    g.add_argument("--sdar-loss-normalizer", choices=[n.value for n in LossNormalizer], default="eligible")
+    g.add_argument(
+        "--sdar-clean-attention", choices=[c.value for c in CleanAttention], default="block_causal"
+    )
+    g.add_argument("--sdar-block-counting", choices=[c.value for c in BlockCounting], default="document")
+    g.add_argument(
+        "--sdar-position-ids",
+        choices=[p.value for p in PositionIds],
+        default=None,
+        help="continuous (CPT default) or restart per document (SFT default)",
+    )
+    g.add_argument("--sdar-attention-backend", choices=["auto", "flex", "sdpa"], default="auto")
+    g.add_argument(
+        "--sdar-sft-pad-token-id",
+        type=int,
+        default=None,
+        help="token that pads SFT windows (default: the tokenizer's end-of-document token)",
+    )
+    return parser  # fmt: skip
+
+
+def sdar_config_from_args(args: argparse.Namespace) -> SDARConfig:
+    positions = args.sdar_position_ids or ("document" if args.sdar_stage == "sft" else "continuous")
+    return SDARConfig(
+        block_size=args.sdar_block_size,
+        mask_token_id=-1 if args.sdar_mask_token_id is None else args.sdar_mask_token_id,
+        noise_eps=args.sdar_noise_eps,
+        noise_unit=args.sdar_noise_unit,
+        loss_normalizer=args.sdar_loss_normalizer,
+        clean_attention=args.sdar_clean_attention,
+        block_counting=args.sdar_block_counting,
+        position_ids=positions,
+        attention_backend=args.sdar_attention_backend,
+    )
+
+
+def _transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def validate_sdar_args(args: argparse.Namespace, vocab_size: int | None = None, special_tokens=None) -> None:
+    """Fail early, saying what to change, on settings SDAR training cannot run with."""
+    problems = []
+    if args.context_parallel_size > 1:
+        problems.append("context parallelism is not supported yet: use --context-parallel-size 1")
+    if getattr(args, "sequence_parallel", False) and args.sdar_objective == "sdar":
+        problems.append("--sequence-parallel is not supported by the SDAR output layer yet: drop it")
+    if args.position_embedding_type != "rope":
+        problems.append(f"SDAR models use RoPE: pass --position-embedding-type rope "
+                        f"(got {args.position_embedding_type})")  # fmt: skip
+    if args.transformer_impl == "transformer_engine" and not _transformer_engine_available():
+        problems.append("--transformer-impl transformer_engine was asked for but Transformer Engine is not "
+                        "installed: install it (NGC PyTorch containers have it) or pass "
+                        "--transformer-impl local")  # fmt: skip
+    if args.sdar_objective == "sdar":
+        if not args.calculate_per_token_loss:
+            problems.append(
+                "the SDAR loss is normalised by a global token count: pass --calculate-per-token-loss"
+            )
+        if args.sdar_mask_token_id is None:
+            problems.append("--sdar-mask-token-id is required (Qwen3: 151669 '<|MASK|>')")
+        if args.attention_dropout != 0.0:
+            problems.append("SDAR attention has no dropout: pass --attention-dropout 0")
+        try:
+            config = sdar_config_from_args(args)
+            if vocab_size is not None and args.sdar_mask_token_id is not None:
+                config.validate(args.seq_length, vocab_size, special_tokens)
+            elif args.seq_length % args.sdar_block_size != 0 or args.sdar_block_size < 1:
+                config.validate(args.seq_length, max(config.mask_token_id + 1, 1), None)
+        except ValueError as err:
+            problems.append(str(err))
+    if args.sdar_stage == "sft" and getattr(args, "mock_data", False):
+        problems.append("--mock-data only provides CPT windows; use --sdar-stage cpt")
+    if problems:
+        raise ValueError("invalid SDAR settings:\n  - " + "\n  - ".join(problems))
+
+
+class SDARSampleDataset(torch.utils.data.Dataset):
+    """Wraps a dataset of clean windows (``tokens``, ``doc_ids``, ``eligible``) and returns ready
+    SDAR samples, noised with a generator seeded by ``(seed, split, index)``."""
+
+    def __init__(self, base: Any, config: SDARConfig, seed: int, split: str) -> None:
+        self.base = base
+        self.config = config
+        self.seed = seed
+        self.split_offset = SPLIT_SEED_OFFSETS[split]
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def noise_seed(self, idx: int) -> int:
+        return (self.seed * 1_000_003 + self.split_offset * 998_244_353 + idx * 7_919 + 17) % (2**62)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        sample = self.base[idx]
+        gen = torch.Generator().manual_seed(self.noise_seed(idx))
+        batch = build_sdar_batch(
+            sample["tokens"][None], sample["doc_ids"][None], sample["eligible"][None], self.config, gen
+        )
+        return {
+            "input_ids": batch.input_ids[0],
+            "position_ids": batch.position_ids[0],
+            "layout": batch.layout[0],
+            "labels": batch.labels[0],
+            "eligible": batch.eligible[0],
+            "masked": batch.masked[0],
+            "mask_prob": batch.mask_prob[0],
+            "t": batch.t[0],
+        }
+
+
+def clean_window(dataset: Any, idx: int) -> dict[str, torch.Tensor]:
+    """A GPT dataset's window ``idx`` as ``tokens``, ``doc_ids``, ``eligible``.
+
+    Documents are delimited by the end-of-document token; padding Megatron adds to a short final
+    window is not eligible and forms a document of its own.
+    """
+    text, _, _ = dataset._query_document_sample_shuffle_indices(idx)
+    eod = dataset.config.tokenizer.eod
+    tokens = torch.from_numpy(np.asarray(text, dtype=np.int64))
+    pad = tokens == dataset._pad_token_id
+    tokens = torch.where(pad, torch.full_like(tokens, eod), tokens)
+    doc_ids = document_ids_from_eod(tokens[None], eod)[0].to(torch.int64)
+    doc_ids = torch.where(pad, doc_ids.max() + 1, doc_ids)
+    return {"tokens": tokens, "doc_ids": doc_ids, "eligible": ~pad}
+
+
+def _sdar_gpt_dataset_classes() -> tuple[type, type]:
+    """``GPTDataset``/``MockGPTDataset`` returning clean SDAR windows (built lazily: Megatron import)."""
+    from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
+
+    class SDARGPTDataset(GPTDataset):
+        """Megatron's GPT dataset (blends, splits, caching) yielding clean SDAR windows."""
+
+        def __getitem__(self, idx):
+            return clean_window(self, 0 if idx is None else idx)
+
+    class SDARMockGPTDataset(MockGPTDataset):
+        """Megatron's synthetic GPT dataset yielding clean SDAR windows."""
+
+        def __getitem__(self, idx):
+            return clean_window(self, 0 if idx is None else idx)
+
+    return SDARGPTDataset, SDARMockGPTDataset
+
+
+class EpochDataset(torch.utils.data.Dataset):
+    """``num_samples`` samples drawn from ``base`` epoch by epoch, each epoch in a fresh seeded order.
+
+    Sample ``i`` is a pure function of ``(seed, i)``, so Megatron's sampler resumes it exactly.
+    """
+
+    def __init__(self, base: Any, num_samples: int, seed: int) -> None:
+        if len(base) == 0:
+            raise ValueError("the dataset is empty")
+        self.base = base
+        self.num_samples = num_samples
+        self.seed = seed
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, idx: int) -> Any:
+        epoch, pos = divmod(idx, len(self.base))
+        if self._perm is None or self._perm[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm = (epoch, rng.permutation(len(self.base)))
+        return self.base[int(self._perm[1][pos])]
+
+
+def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
+                   config: Any = None, pg_collection: Any = None) -> torch.nn.Module:  # fmt: skip
+    """Build this stage's model from Megatron's parsed arguments."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.training import get_args
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    from megatron_sdar.model import SDARModel, sdar_layer_spec
+
+    args = get_args()
+    transformer_config = config if config is not None else core_transformer_config_from_args(args)
+    use_te = args.transformer_impl == "transformer_engine"
+    common = dict(
+        config=transformer_config,
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        rotary_base=args.rotary_base,
+        vp_stage=vp_stage,
+        pg_collection=pg_collection,
+    )
+    if args.sdar_objective == "ar":
+        if use_te:
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+            spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=transformer_config.qk_layernorm)
+        else:
+            spec = get_gpt_layer_local_spec(
+                qk_layernorm=transformer_config.qk_layernorm, normalization=transformer_config.normalization
+            )
+        return GPTModel(transformer_layer_spec=spec, position_embedding_type="rope", **common)
+    sdar = sdar_config_from_args(args)
+    return SDARModel(
+        transformer_layer_spec=sdar_layer_spec(transformer_config, sdar, use_te), sdar_config=sdar, **common
+    )
+
+
+SDAR_KEYS = ("input_ids", "position_ids", "layout", "labels", "eligible", "masked", "mask_prob", "t")
+
+
+def _broadcast_batch(batch: dict[str, torch.Tensor] | None, shapes: dict[str, tuple], device) -> dict:
+    """Send tensor-parallel rank 0's batch to the other ranks of its TP group."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    src = parallel_state.get_tensor_model_parallel_src_rank()
+    out = {}
+    for key, (shape, dtype) in shapes.items():
+        if batch is not None:
+            tensor = batch[key].to(device=device, dtype=dtype, non_blocking=True)
+        else:
+            tensor = torch.empty(shape, dtype=dtype, device=device)
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            torch.distributed.broadcast(tensor, src, group=group)
+        out[key] = tensor
+    return out
+
+
+def get_sdar_batch(data_iterator, device: torch.device, micro_batch_size: int, seq_length: int) -> dict:
+    """The next SDAR micro-batch on ``device`` (read on TP rank 0, broadcast to the TP group)."""
+    from megatron.core import parallel_state
+
+    b, n = micro_batch_size, seq_length
+    shapes = {
+        "input_ids": ((b, 2 * n), torch.int64),
+        "position_ids": ((b, 2 * n), torch.int64),
+        "layout": ((b, 2, n), torch.int32),
+        "labels": ((b, n), torch.int64),
+        "eligible": ((b, n), torch.bool),
+        "masked": ((b, n), torch.bool),
+        "mask_prob": ((b, n), torch.float32),
+        "t": ((b, n), torch.float32),
+    }
+    batch = next(data_iterator) if parallel_state.get_tensor_model_parallel_rank() == 0 else None
+    return _broadcast_batch(batch, shapes, device)
+
+
+def forward_step(data_iterator, model) -> tuple[torch.Tensor, Any]:
+    """Megatron forward step for both objectives."""
+    from megatron.training import get_args, get_timers
+
+    from megatron_sdar.batch import SDARBatch
+
+    args = get_args()
+    timers = get_timers()
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    timers("batch-generator", log_level=2).start()
+    data = get_sdar_batch(data_iterator, device, args.micro_batch_size, args.seq_length)
+    timers("batch-generator").stop()
+    batch = SDARBatch(**{k: data[k] for k in SDAR_KEYS})
+    if args.sdar_objective == "ar":
+        return ar_forward(model, batch)
+    output = model(batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels)
+    return output, partial(sdar_loss, batch=batch, normalizer=args.sdar_loss_normalizer)
+
+
+def ar_forward(model, batch) -> tuple[torch.Tensor, Any]:
+    """The causal-LM baseline on the clean windows: next-token loss inside each document."""
+    n = batch.labels.shape[-1]
+    tokens = batch.labels
+    position_ids = batch.position_ids[:, n:]
+    doc_ids = batch.layout[:, 0]
+    labels = torch.roll(tokens, shifts=-1, dims=-1)
+    loss_mask = batch.eligible.clone()
+    loss_mask[:, :-1] &= (doc_ids[:, 1:] == doc_ids[:, :-1]) & batch.eligible[:, 1:]
+    loss_mask[:, -1] = False
+    output = model(tokens, position_ids, None, labels=labels)
+    return output, partial(ar_loss, loss_mask=loss_mask)
+
+
+def ar_loss(output: torch.Tensor, loss_mask: torch.Tensor):
+    mask = loss_mask.float()
+    loss_sum = (output.float() * mask).sum()
+    count = mask.sum()
+    return loss_sum, count.to(torch.int), {"lm loss": torch.stack([loss_sum.detach(), count])}
+
+
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
+    """CPT: Megatron GPT datasets (blends and splits as usual); SFT: packed windows."""
+    from megatron.core import parallel_state
+    from megatron.training import get_args, get_tokenizer, print_rank_0
+
+    args = get_args()
+    sdar = sdar_config_from_args(args)
+    tokenizer = get_tokenizer()
+    on_this_rank = parallel_state.get_tensor_model_parallel_rank() == 0
+    if args.sdar_stage == "sft":
+        if not on_this_rank:
+            return None, None, None
+        from megatron_sdar.data import SFTWindowDataset
+
+        if not args.data_path or len(args.data_path) != 1:
+            raise ValueError(
+                "--sdar-stage sft takes one --data-path prefix written by tools/preprocess_sft.py"
+            )
+        pad_id = args.sdar_sft_pad_token_id if args.sdar_sft_pad_token_id is not None else tokenizer.eod
+        windows = SFTWindowDataset(args.data_path[0], args.seq_length, pad_id)
+        train = EpochDataset(windows, max(train_val_test_num_samples[0], 1), args.seed)
+        datasets = [train, None, None]
+        if args.valid_data_path:
+            valid = SFTWindowDataset(args.valid_data_path[0], args.seq_length, pad_id)
+            datasets[1] = EpochDataset(valid, max(train_val_test_num_samples[1], 1), args.seed + 1)
+    else:
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+        from megatron.training.utils import get_blend_and_blend_per_split
+
+        blend, blend_per_split = get_blend_and_blend_per_split(args)
+        gpt_config = GPTDatasetConfig(
+            random_seed=args.seed,
+            sequence_length=args.seq_length,
+            blend=blend,
+            blend_per_split=blend_per_split,
+            split=args.split,
+            path_to_cache=args.data_cache_path,
+            tokenizer=tokenizer,
+            reset_position_ids=False,
+            reset_attention_mask=False,
+            eod_mask_loss=False,
+            add_extra_token_to_sequence=False,
+        )
+        real, mock = _sdar_gpt_dataset_classes()
+        print_rank_0("> building SDAR CPT datasets ...")
+        # Every rank enters the builder (it synchronises); only TP rank 0 of each stage builds.
+        datasets = BlendedMegatronDatasetBuilder(
+            mock if args.mock_data else real, train_val_test_num_samples, lambda: on_this_rank, gpt_config
+        ).build()
+    return tuple(
+        None if ds is None else SDARSampleDataset(ds, sdar, args.seed, split)
+        for ds, split in zip(datasets, ("train", "valid", "test"))
+    )
+
+
+# Megatron calls the provider on every rank (the dataset builder synchronises across ranks).
+train_valid_test_datasets_provider.is_distributed = True

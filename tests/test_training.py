@@ -1,0 +1,199 @@
+"""The training entry's CPU-testable parts: SDAR flags and their validation, the CPT and SFT
+dataset providers' samples, noise seeding, epoch shuffling, the AR baseline's loss mask."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_sdar.config import SDARConfig
+from megatron_sdar.training import EpochDataset, SDARSampleDataset, ar_forward, validate_sdar_args
+
+BASE_ARGS = [
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
+    "--max-position-embeddings", "64", "--micro-batch-size", "2", "--position-embedding-type", "rope",
+    "--transformer-impl", "local", "--calculate-per-token-loss", "--attention-dropout", "0",
+    "--hidden-dropout", "0", "--sdar-mask-token-id", "99",
+]  # fmt: skip
+
+
+def parse(extra: list[str], monkeypatch) -> types.SimpleNamespace:
+    from megatron.training.arguments import parse_args
+
+    import pretrain_sdar
+
+    monkeypatch.setattr(sys, "argv", ["pretrain_sdar.py", *BASE_ARGS, *extra])
+    return parse_args(pretrain_sdar._extra_args)
+
+
+def test_defaults_are_valid(monkeypatch):
+    args = parse([], monkeypatch)
+    validate_sdar_args(args, vocab_size=128, special_tokens={"end-of-document": 1})
+    assert args.sdar_objective == "sdar" and args.sdar_block_size == 4
+
+
+@pytest.mark.parametrize(
+    "extra, vocab, special, message",
+    [
+        (["--sdar-block-size", "5"], 128, None, "not a multiple of the SDAR block size 5"),
+        (["--sdar-mask-token-id", "500"], 128, None, "outside the vocabulary"),
+        ([], 128, {"end-of-document": 99}, "end-of-document token"),
+        (["--context-parallel-size", "2"], 128, None, "context parallelism"),
+        (["--sequence-parallel"], 128, None, "--sequence-parallel"),
+        (["--position-embedding-type", "learned_absolute"], 128, None, "--position-embedding-type rope"),
+        (["--transformer-impl", "transformer_engine"], 128, None, "Transformer Engine is not installed"),
+        (["--attention-dropout", "0.1"], 128, None, "--attention-dropout 0"),
+        (["--sdar-noise-eps", "1.5"], 128, None, "--sdar-noise-eps"),
+    ],
+)
+def test_invalid_settings_fail_with_advice(extra, vocab, special, message, monkeypatch):
+    args = parse(extra, monkeypatch)
+    with pytest.raises(ValueError, match=message):
+        validate_sdar_args(args, vocab_size=vocab, special_tokens=special)
+
+
+def test_per_token_loss_and_mask_token_are_required(monkeypatch):
+    from megatron.training.arguments import parse_args
+
+    import pretrain_sdar
+
+    argv = [a for a in BASE_ARGS if a not in ("--calculate-per-token-loss",)]
+    argv = argv[: argv.index("--sdar-mask-token-id")]
+    monkeypatch.setattr(sys, "argv", ["pretrain_sdar.py", *argv])
+    args = parse_args(pretrain_sdar._extra_args)
+    with pytest.raises(ValueError) as err:
+        validate_sdar_args(args, vocab_size=128)
+    assert "--calculate-per-token-loss" in str(err.value) and "--sdar-mask-token-id is required" in str(
+        err.value
+    )
+
+
+class _Tok:
+    """The tokenizer attributes Megatron's GPT dataset reads."""
+
+    def __init__(self, eod: int, vocab: int) -> None:
+        self.eod = eod
+        self.vocab_size = vocab
+        self.unique_identifiers = {"class": "test", "eod": eod}
+
+
+@pytest.fixture(scope="module")
+def cpt_prefix(tmp_path_factory):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    out = tmp_path_factory.mktemp("cpt") / "docs"
+    rng = np.random.default_rng(0)
+    builder = IndexedDatasetBuilder(str(out) + ".bin", dtype=np.uint16)
+    for _ in range(40):
+        doc = list(rng.integers(2, 90, size=int(rng.integers(3, 30)))) + [1]  # 1 = end of document
+        builder.add_document(np.asarray(doc), [len(doc)])
+    builder.finalize(str(out) + ".idx")
+    return str(out)
+
+
+def build_cpt(prefix: str, seq_length: int, num_samples: int):
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    from megatron_sdar.training import _sdar_gpt_dataset_classes
+
+    config = GPTDatasetConfig(
+        random_seed=1, sequence_length=seq_length, blend=([prefix], None), split="100,0,0",
+        tokenizer=_Tok(eod=1, vocab=100), reset_position_ids=False, reset_attention_mask=False,
+        eod_mask_loss=False, add_extra_token_to_sequence=False, path_to_cache=None,
+    )  # fmt: skip
+    real, _ = _sdar_gpt_dataset_classes()
+    train, _, _ = BlendedMegatronDatasetBuilder(real, [num_samples, 0, 0], lambda: True, config).build()
+    return train
+
+
+def test_cpt_samples(cpt_prefix):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    train = build_cpt(cpt_prefix, seq_length=32, num_samples=20)
+    corpus = IndexedDataset(cpt_prefix)  # keep it alive: items are views into its memory map
+    documents = {tuple(np.array(corpus[i]).tolist()) for i in range(len(corpus))}
+    sdar = SDARConfig(block_size=4, mask_token_id=99)
+    ds = SDARSampleDataset(train, sdar, seed=5, split="train")
+    s0 = ds[0]
+    assert s0["input_ids"].shape == (64,) and s0["layout"].shape == (2, 32)
+    clean = s0["labels"]
+    # Documents are packed whole (GPTDataset shuffles their order): every piece that starts after
+    # an end-of-document token and ends with one is a corpus document.
+    ends = [i for i in range(32) if clean[i] == 1]
+    assert len(ends) >= 2
+    for a, b in zip(ends, ends[1:]):
+        assert tuple(clean[a + 1 : b + 1].tolist()) in documents
+    # Documents split after every end-of-document token.
+    docs = s0["layout"][0]
+    for i in range(1, 32):
+        assert (docs[i] != docs[i - 1]) == bool(clean[i - 1] == 1)
+    # Masked positions carry the mask token in x_t, x_0 is untouched, and noise is reproducible.
+    assert torch.equal(s0["input_ids"][32:], clean)
+    assert torch.equal(s0["input_ids"][:32][s0["masked"]], torch.full((int(s0["masked"].sum()),), 99))
+    again = ds[0]
+    assert all(torch.equal(s0[k], again[k]) for k in s0)
+    other_seed = SDARSampleDataset(train, sdar, seed=6, split="train")[0]
+    valid_split = SDARSampleDataset(train, sdar, seed=5, split="valid")[0]
+    assert not torch.equal(s0["masked"], other_seed["masked"]) or not torch.equal(s0["t"], other_seed["t"])
+    assert not torch.equal(s0["t"], valid_split["t"])
+    # Positions: the noised copy repeats the clean copy's (continuous by default).
+    assert torch.equal(s0["position_ids"][:32], s0["position_ids"][32:])
+    assert torch.equal(s0["position_ids"][:32], torch.arange(32))
+
+
+def test_epoch_dataset_covers_each_epoch_in_a_new_order():
+    base = list(range(10))
+    ds = EpochDataset(base, num_samples=30, seed=3)
+    epochs = [[ds[i] for i in range(e * 10, (e + 1) * 10)] for e in range(3)]
+    assert all(sorted(e) == base for e in epochs)
+    assert epochs[0] != epochs[1]
+    assert [EpochDataset(base, 30, 3)[i] for i in range(30)] == sum(epochs, [])
+    with pytest.raises(ValueError, match="empty"):
+        EpochDataset([], 5, 0)
+
+
+def test_ar_baseline_loss_mask_stays_inside_documents():
+    seen = {}
+
+    class Stub:
+        def __call__(self, tokens, position_ids, attention_mask, labels):
+            seen["labels"] = labels
+            return torch.ones(labels.shape)
+
+    sdar = SDARConfig(block_size=2, mask_token_id=9)
+    from megatron_sdar.batch import build_sdar_batch
+
+    tokens = torch.tensor([[5, 6, 1, 7, 8, 1]])
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    eligible = torch.ones_like(tokens, dtype=torch.bool)
+    batch = build_sdar_batch(tokens, doc_ids, eligible, sdar, torch.Generator().manual_seed(0))
+    _, loss_fn = ar_forward(Stub(), batch)
+    assert seen["labels"].tolist() == [[6, 1, 7, 8, 1, 5]]
+    loss_sum, count, _ = loss_fn(torch.ones(1, 6))
+    # Predictions 5->6, 6->1, 7->8, 8->1 count; the EOD->next-document one and the last do not.
+    assert int(count) == 4 and float(loss_sum) == 4.0
+
+
+def test_sdar_batch_broadcast_shapes_single_rank(megatron_world):
+    from megatron_sdar.training import get_sdar_batch
+
+    sdar = SDARConfig(block_size=4, mask_token_id=99)
+    base = [
+        {
+            "tokens": torch.arange(16) + 2,
+            "doc_ids": torch.zeros(16, dtype=torch.long),
+            "eligible": torch.ones(16, dtype=torch.bool),
+        }
+    ] * 2
+    ds = SDARSampleDataset(base, sdar, seed=0, split="train")
+    loader = torch.utils.data.DataLoader(ds, batch_size=2)
+    batch = get_sdar_batch(iter(loader), torch.device("cpu"), micro_batch_size=2, seq_length=16)
+    assert batch["input_ids"].shape == (2, 32) and batch["layout"].dtype == torch.int32
+    assert batch["mask_prob"].dtype == torch.float32 and batch["masked"].dtype == torch.bool
+    json.dumps({k: list(v.shape) for k, v in batch.items()})
