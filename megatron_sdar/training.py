@@ -99,9 +99,9 @@ def sdar_config_from_args(args: argparse.Namespace) -> SDARConfig:
     )
 
 
-def _transformer_engine_available() -> bool:
+def _importable(module: str) -> bool:
     try:
-        import transformer_engine  # noqa: F401
+        __import__(module)
     except ImportError:
         return False
     return True
@@ -117,7 +117,21 @@ def validate_sdar_args(args: argparse.Namespace, vocab_size: int | None = None, 
     if args.position_embedding_type != "rope":
         problems.append(f"SDAR models use RoPE: pass --position-embedding-type rope "
                         f"(got {args.position_embedding_type})")  # fmt: skip
-    if args.transformer_impl == "transformer_engine" and not _transformer_engine_available():
+    if (
+        args.transformer_impl == "local"
+        and not getattr(args, "no_persist_layer_norm", True)
+        and not _importable("apex")
+    ):
+        problems.append("--transformer-impl local without Apex uses torch norms, which cannot persist: "
+                        "pass --no-persist-layer-norm")  # fmt: skip
+    if (
+        args.transformer_impl == "local"
+        and getattr(args, "gradient_accumulation_fusion", False)
+        and not _importable("fused_weight_gradient_mlp_cuda")
+    ):
+        problems.append("--transformer-impl local without Apex's CUDA extensions cannot fuse gradient "
+                        "accumulation: pass --no-gradient-accumulation-fusion")  # fmt: skip
+    if args.transformer_impl == "transformer_engine" and not _importable("transformer_engine"):
         problems.append("--transformer-impl transformer_engine was asked for but Transformer Engine is not "
                         "installed: install it (NGC PyTorch containers have it) or pass "
                         "--transformer-impl local")  # fmt: skip

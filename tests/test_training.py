@@ -18,7 +18,8 @@ BASE_ARGS = [
     "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
     "--max-position-embeddings", "64", "--micro-batch-size", "2", "--position-embedding-type", "rope",
     "--transformer-impl", "local", "--calculate-per-token-loss", "--attention-dropout", "0",
-    "--hidden-dropout", "0", "--sdar-mask-token-id", "99",
+    "--hidden-dropout", "0", "--no-persist-layer-norm", "--no-gradient-accumulation-fusion",
+    "--sdar-mask-token-id", "99",
 ]  # fmt: skip
 
 
@@ -55,6 +56,18 @@ def test_invalid_settings_fail_with_advice(extra, vocab, special, message, monke
     args = parse(extra, monkeypatch)
     with pytest.raises(ValueError, match=message):
         validate_sdar_args(args, vocab_size=vocab, special_tokens=special)
+
+
+@pytest.mark.parametrize("flag", ["--no-persist-layer-norm", "--no-gradient-accumulation-fusion"])
+def test_local_implementation_without_apex_needs_plain_kernels(flag, monkeypatch):
+    from megatron.training.arguments import parse_args
+
+    import pretrain_sdar
+
+    monkeypatch.setattr(sys, "argv", ["pretrain_sdar.py", *[a for a in BASE_ARGS if a != flag]])
+    args = parse_args(pretrain_sdar._extra_args)
+    with pytest.raises(ValueError, match=flag):
+        validate_sdar_args(args, vocab_size=128)
 
 
 def test_per_token_loss_and_mask_token_are_required(monkeypatch):

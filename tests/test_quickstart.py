@@ -1,0 +1,45 @@
+"""The quick start's CPU part: corpus, tokenizer and data are built, and the training command it
+prints parses and validates with Megatron's argument parser and ours, and its model builds."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+sys.path.insert(0, __import__("os").path.join(__import__("os").path.dirname(__file__), "..", "examples"))
+
+import quickstart  # noqa: E402
+
+
+def test_quickstart_dry_run_command_is_valid(tmp_path, monkeypatch, megatron_world):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.training import global_vars
+    from megatron.training.arguments import parse_args, validate_args
+
+    import pretrain_sdar
+    from megatron_sdar.model import SDARModel
+    from megatron_sdar.training import model_provider, validate_sdar_args
+
+    result = quickstart.main(
+        ["--dry-run", "--workdir", str(tmp_path), "--vocab-size", "600", "--steps", "20"]
+    )
+    data = IndexedDataset(result["data_prefix"])
+    assert len(data) > 100
+    cmd = result["command"]
+    script = next(i for i, c in enumerate(cmd) if c.endswith("pretrain_sdar.py"))
+    monkeypatch.setattr(sys, "argv", cmd[script:])
+    args = parse_args(pretrain_sdar._extra_args)
+    validate_args(args, {})
+    validate_sdar_args(args, vocab_size=600, special_tokens={"end-of-document": 0})
+    assert args.sdar_mask_token_id == result["mask_id"] == 1
+
+    args.padded_vocab_size = 640
+    args.transformer_impl = "local"
+    args.bf16, args.params_dtype = False, torch.float32
+    args.use_cpu_initialization = True
+    monkeypatch.setattr(global_vars, "_GLOBAL_ARGS", args)
+    model = model_provider(pre_process=True, post_process=True)
+    assert isinstance(model, SDARModel)
+    assert model.decoder.layers[0].self_attention.core_attention.__class__.__name__ == "SDARCoreAttention"
+    assert model.embedding.word_embeddings.weight.shape == (640, 384)
