@@ -210,3 +210,29 @@ def test_sdar_batch_broadcast_shapes_single_rank(megatron_world):
     assert batch["input_ids"].shape == (2, 32) and batch["layout"].dtype == torch.int32
     assert batch["mask_prob"].dtype == torch.float32 and batch["masked"].dtype == torch.bool
     json.dumps({k: list(v.shape) for k, v in batch.items()})
+
+
+def test_resume_gives_the_same_samples_and_noise(cpt_prefix):
+    """Stopping after N samples and resuming from consumed_samples=N replays exactly what an
+    uninterrupted run would have read next, noise included, on every data-parallel rank."""
+    from megatron.training.datasets.data_samplers import MegatronPretrainingSampler
+
+    train = build_cpt(cpt_prefix, seq_length=32, num_samples=48)
+    ds = SDARSampleDataset(train, SDARConfig(block_size=4, mask_token_id=99), seed=11, split="train")
+
+    def read(consumed: int, rank: int, batches: int) -> list[dict]:
+        sampler = MegatronPretrainingSampler(len(ds), consumed, 2, rank, 2)
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler)
+        out = []
+        for i, batch in enumerate(loader):
+            if i == batches:
+                break
+            out.append(batch)
+        return out
+
+    for rank in range(2):
+        uninterrupted = read(0, rank, 6)
+        resumed = read(3 * 2 * 2, rank, 3)  # 3 steps of micro-batch 2 on 2 DP ranks consumed
+        for a, b in zip(uninterrupted[3:], resumed):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(read(0, 0, 1)[0]["input_ids"], read(0, 1, 1)[0]["input_ids"])
