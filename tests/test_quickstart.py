@@ -33,6 +33,10 @@ def test_quickstart_dry_run_command_is_valid(tmp_path, monkeypatch, megatron_wor
     validate_args(args, {})
     validate_sdar_args(args, vocab_size=600, special_tokens={"end-of-document": 0})
     assert args.sdar_mask_token_id == result["mask_id"] == 1
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+
+    container = pretrain_cfg_container_from_args(args, None)
+    assert container.train.train_iters == 20
 
     args.padded_vocab_size = 640
     args.transformer_impl = "local"
