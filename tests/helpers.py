@@ -50,6 +50,7 @@ def tiny_model(
     seq_length: int = 64,
     tied: bool = False,
     seed: int = 0,
+    rotary_base: float = 10000.0,
     **config_overrides: Any,
 ) -> SDARModel:
     """A tiny Qwen3-shaped SDAR model in fp32 on CPU."""
@@ -70,5 +71,5 @@ def tiny_model(
         vocab_size=vocab_size,
         max_sequence_length=2 * seq_length,
         share_embeddings_and_output_weights=tied,
-        rotary_base=10000.0,
+        rotary_base=rotary_base,
     )
