@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import bisect
+import json
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,14 @@ class TokenizedExample:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+
+def parse_json_line(line: str) -> Any:
+    """One JSONL line, or an :class:`ExampleError` saying where it is malformed."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ExampleError(f"invalid JSON ({err.msg} at column {err.colno})") from None
 
 
 def example_messages(example: Any) -> list[dict[str, str]]:

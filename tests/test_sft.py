@@ -152,6 +152,7 @@ def test_preprocess_sft_round_trip(tmp_path, chat_tokenizer_dir):
             ["--input", str(src), "--tokenizer", chat_tokenizer_dir, "--output-prefix", str(tmp_path / "s2"),
              "--seq-length", "48", "--block-size", "4", "--strict"]
         )  # fmt: skip
+    assert list(tmp_path.glob("s2*")) == []  # a failed run leaves no partial dataset
     with pytest.raises(SystemExit, match="multiple of --block-size"):
         preprocess_sft.main(
             ["--input", str(src), "--tokenizer", chat_tokenizer_dir, "--output-prefix", str(tmp_path / "s3"),

@@ -28,8 +28,6 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
-
 warnings.filterwarnings("ignore", category=UserWarning)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -148,8 +146,9 @@ def _format(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from megatron.core.datasets.indexed_dataset import DType
 
+    from megatron_sdar.preprocessing import DroppedLines, IndexedOutputs
     from megatron_sdar.tokenizer import load_tokenizer
 
     for path in args.input:
@@ -164,79 +163,57 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("error: text input has one field; pass a single --json-keys name (or none)")
 
     prefixes = {key: output_prefix(args.output_prefix, key) for key in keys}
-    for prefix in prefixes.values():
-        for ext in (".bin", ".idx"):
-            if os.path.exists(prefix + ext) and not args.overwrite:
-                raise SystemExit(f"error: {prefix + ext} exists; pass --overwrite to replace it")
-    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
-
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    tmp = {key: f"{prefix}.tmp{os.getpid()}" for key, prefix in prefixes.items()}
-    builders = {key: IndexedDatasetBuilder(tmp[key] + ".bin", dtype=dtype) for key in keys}
+    try:
+        outputs = IndexedOutputs(prefixes, {key: dtype for key in keys}, args.overwrite)
+    except FileExistsError as err:
+        raise SystemExit(f"error: {err}") from None
 
     def records() -> Iterator[tuple[Record, bool]]:
         for path in args.input:
             for record in read_records(path, formats[path], keys, args.text_unit):
                 yield record, args.append_eod
 
-    stats: Counter = Counter()
-    dropped: list[str] = []
+    tokens_per_key: Counter = Counter()
+    documents = 0
+    dropped = DroppedLines(args.strict)
     start = time.time()
     last_report = start
     pool = None
-    try:
-        if args.workers > 1:
-            pool = multiprocessing.get_context("spawn").Pool(
-                args.workers, initializer=_init_worker, initargs=(args.tokenizer, args.eod_token)
-            )
-            results = pool.imap(_encode, records(), chunksize=64)
-        else:
-            global _TOKENIZER
-            _TOKENIZER = tokenizer
-            results = map(_encode, records())
-        for record, ids in results:
-            if record.error is not None:
-                where = f"{record.source}:{record.line}"
-                if args.strict:
-                    raise SystemExit(f"error: {where}: {record.error} (drop --strict to skip such lines)")
-                stats["dropped"] += 1
-                stats[f"dropped: {record.error.split(' (')[0]}"] += 1
-                if len(dropped) < 20:
-                    dropped.append(f"{where}: {record.error}")
-                continue
-            for key, tokens in ids.items():
-                builders[key].add_document(np.asarray(tokens, dtype=np.int64), [len(tokens)])
-                stats[f"tokens[{key}]"] += len(tokens)
-            stats["documents"] += 1
-            now = time.time()
-            if not args.quiet and now - last_report > 2.0:
-                rate = stats["documents"] / (now - start)
-                print(f"\r{stats['documents']} documents ({rate:.0f}/s)", end="", file=sys.stderr)
-                last_report = now
-    except BaseException:
-        for path in tmp.values():
-            for ext in (".bin", ".idx"):
-                if os.path.exists(path + ext):
-                    os.remove(path + ext)
-        raise
-    finally:
-        if pool is not None:
-            pool.terminate()
-
-    for key in keys:
-        builders[key].finalize(tmp[key] + ".idx")
-        os.replace(tmp[key] + ".bin", prefixes[key] + ".bin")
-        os.replace(tmp[key] + ".idx", prefixes[key] + ".idx")
+    with outputs:
+        try:
+            if args.workers > 1:
+                pool = multiprocessing.get_context("spawn").Pool(
+                    args.workers, initializer=_init_worker, initargs=(args.tokenizer, args.eod_token)
+                )
+                results = pool.imap(_encode, records(), chunksize=64)
+            else:
+                global _TOKENIZER
+                _TOKENIZER = tokenizer
+                results = map(_encode, records())
+            for record, ids in results:
+                if record.error is not None:
+                    dropped.add(record.source, record.line, record.error)
+                    continue
+                for key, tokens in ids.items():
+                    outputs.add_document(key, tokens)
+                    tokens_per_key[key] += len(tokens)
+                documents += 1
+                now = time.time()
+                if not args.quiet and now - last_report > 2.0:
+                    rate = documents / (now - start)
+                    print(f"\r{documents} documents ({rate:.0f}/s)", end="", file=sys.stderr)
+                    last_report = now
+        finally:
+            if pool is not None:
+                pool.terminate()
 
     elapsed = time.time() - start
     summary = {
-        "documents": stats["documents"],
-        "tokens": {key: stats[f"tokens[{key}]"] for key in keys},
-        "dropped": stats["dropped"],
-        "dropped_by_reason": {
-            k[len("dropped: ") :]: v for k, v in stats.items() if k.startswith("dropped: ")
-        },
+        "documents": documents,
+        "tokens": {key: tokens_per_key[key] for key in keys},
+        "dropped": dropped.total,
+        "dropped_by_reason": dict(dropped.by_reason),
         "outputs": list(prefixes.values()),
         "seconds": round(elapsed, 2),
     }
@@ -245,11 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"documents: {summary['documents']}")
     for key in keys:
         print(f"tokens[{key}]: {summary['tokens'][key]}  -> {prefixes[key]}.bin/.idx")
-    print(f"dropped lines: {summary['dropped']}")
-    for line in dropped:
-        print(f"  {line}")
-    if summary["dropped"] > len(dropped):
-        print(f"  ... and {summary['dropped'] - len(dropped)} more")
+    dropped.print()
     return summary
 
 

@@ -19,7 +19,6 @@ written under temporary names and renamed when complete.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -48,15 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from megatron.core.datasets.indexed_dataset import DType
 
     from megatron_sdar.data import encode_segments
+    from megatron_sdar.preprocessing import DroppedLines, IndexedOutputs
     from megatron_sdar.sft import (
         ExampleError,
         TokenizedExample,
         example_messages,
         pack_greedy,
         pad_to_block,
+        parse_json_line,
         tokenize_chat,
     )
     from megatron_sdar.tokenizer import load_tokenizer
@@ -79,60 +80,42 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"error: pad token {args.pad_token!r} is not in the tokenizer")
 
     prefixes = {kind: f"{args.output_prefix}_{kind}" for kind in ("tokens", "segments")}
-    for prefix in prefixes.values():
-        for ext in (".bin", ".idx"):
-            if os.path.exists(prefix + ext) and not args.overwrite:
-                raise SystemExit(f"error: {prefix + ext} exists; pass --overwrite to replace it")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
-
-    stats: Counter = Counter()
-    dropped: list[str] = []
-    examples: list[TokenizedExample] = []
-    for path in args.input:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ExampleError(f"invalid JSON ({err.msg} at column {err.colno})") from None
-                    example = tokenize_chat(tokenizer, example_messages(row))
-                except ExampleError as err:
-                    if args.strict:
-                        msg = f"error: {path}:{lineno}: {err} (drop --strict to skip such lines)"
-                        raise SystemExit(msg) from None
-                    stats["dropped"] += 1
-                    stats[f"dropped: {str(err).split(' (')[0]}"] += 1
-                    if len(dropped) < 20:
-                        dropped.append(f"{path}:{lineno}: {err}")
-                    continue
-                example = pad_to_block(example, args.block_size, pad_id, args.train_pad)
-                if len(example) > args.seq_length:
-                    if not args.truncate:
-                        stats["too long (dropped)"] += 1
-                        continue
-                    stats["too long (truncated)"] += 1
-                    example = TokenizedExample(
-                        example.tokens[: args.seq_length], example.eligible[: args.seq_length]
-                    )
-                    if not any(example.eligible):
-                        stats["too long (no response left after truncation, dropped)"] += 1
-                        continue
-                examples.append(example)
-
-    if not examples:
-        raise SystemExit("error: no usable examples")
-    packs = pack_greedy([len(e) for e in examples], args.seq_length)
-
-    dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    tmp = {kind: f"{prefix}.tmp{os.getpid()}" for kind, prefix in prefixes.items()}
-    builders = {
-        "tokens": IndexedDatasetBuilder(tmp["tokens"] + ".bin", dtype=dtype),
-        "segments": IndexedDatasetBuilder(tmp["segments"] + ".bin", dtype=np.int32),
-    }
+    dtypes = {"tokens": DType.optimal_dtype(tokenizer.vocab_size), "segments": np.int32}
     try:
+        outputs = IndexedOutputs(prefixes, dtypes, args.overwrite)
+    except FileExistsError as err:
+        raise SystemExit(f"error: {err}") from None
+
+    too_long: Counter = Counter()
+    dropped = DroppedLines(args.strict)
+    examples: list[TokenizedExample] = []
+    with outputs:
+        for path in args.input:
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        example = tokenize_chat(tokenizer, example_messages(parse_json_line(line)))
+                    except ExampleError as err:
+                        dropped.add(path, lineno, str(err))
+                        continue
+                    example = pad_to_block(example, args.block_size, pad_id, args.train_pad)
+                    if len(example) > args.seq_length:
+                        if not args.truncate:
+                            too_long["too long (dropped)"] += 1
+                            continue
+                        too_long["too long (truncated)"] += 1
+                        example = TokenizedExample(
+                            example.tokens[: args.seq_length], example.eligible[: args.seq_length]
+                        )
+                        if not any(example.eligible):
+                            too_long["too long (no response left after truncation, dropped)"] += 1
+                            continue
+                    examples.append(example)
+        if not examples:
+            raise SystemExit("error: no usable examples")
+        packs = pack_greedy([len(e) for e in examples], args.seq_length)
         for pack in packs:
             tokens: list[int] = []
             ordinals: list[int] = []
@@ -141,19 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
                 tokens += examples[idx].tokens
                 eligible += examples[idx].eligible
                 ordinals += [ordinal] * len(examples[idx])
-            builders["tokens"].add_document(np.asarray(tokens, dtype=np.int64), [len(tokens)])
-            builders["segments"].add_document(encode_segments(ordinals, eligible), [len(tokens)])
-        for kind, builder in builders.items():
-            builder.finalize(tmp[kind] + ".idx")
-    except BaseException:
-        for path in tmp.values():
-            for ext in (".bin", ".idx"):
-                if os.path.exists(path + ext):
-                    os.remove(path + ext)
-        raise
-    for kind in builders:
-        os.replace(tmp[kind] + ".bin", prefixes[kind] + ".bin")
-        os.replace(tmp[kind] + ".idx", prefixes[kind] + ".idx")
+            outputs.add_document("tokens", tokens)
+            outputs.add_document("segments", encode_segments(ordinals, eligible))
 
     total_tokens = sum(len(e) for e in examples)
     summary = {
@@ -162,20 +134,16 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens": total_tokens,
         "response_tokens": sum(sum(e.eligible) for e in examples),
         "fill": round(total_tokens / (len(packs) * args.seq_length), 4),
-        "dropped": stats["dropped"],
-        "too_long": {k: v for k, v in stats.items() if k.startswith("too long")},
-        "dropped_by_reason": {
-            k[len("dropped: ") :]: v for k, v in stats.items() if k.startswith("dropped: ")
-        },
+        "dropped": dropped.total,
+        "too_long": dict(too_long),
+        "dropped_by_reason": dict(dropped.by_reason),
         "output_prefix": args.output_prefix,
     }
     print(f"examples: {summary['examples']} -> windows: {summary['windows']} of {args.seq_length} tokens")
     print(f"tokens: {total_tokens} ({summary['response_tokens']} trained), fill {summary['fill']:.1%}")
     for reason, count in summary["too_long"].items():
         print(f"{reason}: {count}")
-    print(f"dropped lines: {summary['dropped']}")
-    for line in dropped:
-        print(f"  {line}")
+    dropped.print()
     return summary
 
 
