@@ -1,0 +1,80 @@
+"""GPU checks of the whole SDAR model (run by tests/test_gpu_model.py in its own process, NCCL).
+
+* FlexAttention and dense-mask SDPA back ends give the same loss and gradients (bf16 tolerance);
+* full and selective activation recompute give the same loss and gradients as none (the layout
+  tensor goes through ``tensor_parallel.checkpoint`` and the mask is rebuilt or reused inside).
+Prints one JSON line with the measured differences.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def main() -> None:
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_sdar.batch import build_sdar_batch
+    from megatron_sdar.config import SDARConfig
+    from megatron_sdar.loss import sdar_loss
+    from megatron_sdar.masks import document_ids_from_eod
+    from megatron_sdar.model import build_sdar_model, qwen3_transformer_config
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    torch.cuda.set_device(0)
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(0)
+
+    vocab, seq = 256, 256
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tokens = torch.randint(2, vocab - 1, (2, seq), device="cuda", generator=gen)
+    tokens[torch.rand((2, seq), device="cuda", generator=gen) < 0.02] = 1
+    doc_ids = document_ids_from_eod(tokens, 1)
+    eligible = torch.ones_like(tokens, dtype=torch.bool)
+
+    def run(backend: str, recompute: dict) -> tuple[float, dict]:
+        sdar = SDARConfig(block_size=4, mask_token_id=vocab - 1, attention_backend=backend)
+        config = qwen3_transformer_config(
+            num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4, kv_channels=32,
+            ffn_hidden_size=512, bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
+            **recompute,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model_parallel_cuda_manual_seed(0)
+        model = build_sdar_model(config, sdar, vocab_size=vocab, max_sequence_length=2 * seq).cuda()
+        batch = build_sdar_batch(
+            tokens, doc_ids, eligible, sdar, torch.Generator(device="cuda").manual_seed(1)
+        )
+        out = model(batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels)
+        loss_sum, count, _ = sdar_loss(out, batch)
+        (loss_sum / count).backward()
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters()}
+        return float(loss_sum / count), grads
+
+    def compare(a, b) -> dict:
+        loss_diff = abs(a[0] - b[0])
+        rel = max(((a[1][n] - b[1][n]).norm() / (b[1][n].norm() + 1e-12)).item() for n in a[1])
+        return {"loss_diff": loss_diff, "max_rel_grad_diff": rel}
+
+    base = run("flex", {})
+    result = {
+        "flex_vs_sdpa": compare(base, run("sdpa", {})),
+        "full_recompute": compare(run("flex", dict(recompute_granularity="full", recompute_method="uniform",
+                                                   recompute_num_layers=1)), base),
+        "selective_recompute": compare(run("flex", dict(recompute_granularity="selective",
+                                                        recompute_modules=["core_attn"])), base),
+    }  # fmt: skip
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
