@@ -236,3 +236,49 @@ def test_resume_gives_the_same_samples_and_noise(cpt_prefix):
         for a, b in zip(uninterrupted[3:], resumed):
             assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(read(0, 0, 1)[0]["input_ids"], read(0, 1, 1)[0]["input_ids"])
+
+
+def test_dataset_provider_cpt_and_sft(cpt_prefix, tmp_path, monkeypatch, megatron_world):
+    """The provider Megatron calls builds SDAR samples from --data-path for both stages."""
+    from megatron.training import global_vars
+    from megatron.training.arguments import parse_args
+
+    import pretrain_sdar
+    from megatron_sdar.data import encode_segments
+    from megatron_sdar.preprocessing import IndexedOutputs
+    from megatron_sdar.training import train_valid_test_datasets_provider
+
+    monkeypatch.setattr(global_vars, "_GLOBAL_TOKENIZER", _Tok(eod=1, vocab=100))
+    seq = [*BASE_ARGS, "--seq-length", "32"]  # the later flag wins
+    monkeypatch.setattr(
+        sys, "argv", ["x", *seq, "--data-path", cpt_prefix, "--split", "90,10,0", "--seed", "3"]
+    )
+    monkeypatch.setattr(global_vars, "_GLOBAL_ARGS", parse_args(pretrain_sdar._extra_args))
+    train, valid, test = train_valid_test_datasets_provider([8, 4, 0])
+    assert test is None and len(train) >= 8 and len(valid) >= 4
+    sample = train[0]
+    assert sample["input_ids"].shape == (64,) and int(sample["masked"].sum()) >= 1
+
+    sft = str(tmp_path / "sft")
+    with IndexedOutputs(
+        {"tokens": sft + "_tokens", "segments": sft + "_segments"},
+        {"tokens": np.uint16, "segments": np.int32},
+    ) as out:
+        for n in (12, 20, 32):
+            out.add_document("tokens", list(range(2, 2 + n)))
+            out.add_document(
+                "segments", encode_segments([1] * (n // 2) + [2] * (n - n // 2), [False, True] * (n // 2))
+            )
+    sft_args = ["x", *seq, "--data-path", sft, "--sdar-stage", "sft"]
+    monkeypatch.setattr(sys, "argv", sft_args)
+    monkeypatch.setattr(global_vars, "_GLOBAL_ARGS", parse_args(pretrain_sdar._extra_args))
+    train, valid, _ = train_valid_test_datasets_provider([7, 0, 0])
+    assert len(train) == 7 and valid is None
+    samples = [train[i] for i in range(6)]
+    # Three windows per epoch, each once per epoch; padding is never eligible; positions restart per example.
+    lengths = sorted(int((s["layout"][0] > 0).sum()) for s in samples[:3])
+    assert lengths == [12, 20, 32]
+    for s in samples:
+        assert not s["masked"][s["layout"][0] == 0].any()
+        assert not s["masked"][~s["eligible"]].any()
+        assert s["position_ids"][0] == 0
