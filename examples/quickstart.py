@@ -187,6 +187,16 @@ def parse_losses(log: str) -> list[float]:
     return [float(m) for m in re.findall(r"lm loss: ([0-9.Ee+-]+)", log)]
 
 
+def data_tokens_per_second(log: str, seq_length: int, global_batch_size: int) -> float | None:
+    """Clean (data) tokens per second from Megatron's per-iteration times, skipping the first
+    logged interval (compilation and warm-up)."""
+    times = [float(m) for m in re.findall(r"elapsed time per iteration \(ms\): ([0-9.]+)", log)]
+    if len(times) < 2:
+        return None
+    steady = times[1:]
+    return global_batch_size * seq_length / (sum(steady) / len(steady) / 1000.0)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "quickstart"))
@@ -230,9 +240,14 @@ def main(argv: list[str] | None = None) -> dict:
     if proc.returncode != 0:
         print("".join(log_lines[-40:]), file=sys.stderr)
         raise SystemExit(f"training failed with exit code {proc.returncode}")
-    losses = parse_losses("".join(log_lines))
+    log = "".join(log_lines)
+    losses = parse_losses(log)
     if losses:
         print(f"diffusion loss: {losses[0]:.3f} (first logged) -> {losses[-1]:.3f} (last logged)")
+    throughput = data_tokens_per_second(log, args.seq_length, args.global_batch_size)
+    if throughput is not None:
+        print(f"throughput: {throughput:,.0f} data tokens/s (each processed twice: x_t and x_0)")
+    result["data_tokens_per_second"] = throughput
     print(f"checkpoint: {os.path.join(args.workdir, 'checkpoints')}")
     result["losses"] = losses
     return result

@@ -47,3 +47,13 @@ def test_quickstart_dry_run_command_is_valid(tmp_path, monkeypatch, megatron_wor
     assert isinstance(model, SDARModel)
     assert model.decoder.layers[0].self_attention.core_attention.__class__.__name__ == "SDARCoreAttention"
     assert model.embedding.word_embeddings.weight.shape == (640, 384)
+
+
+def test_log_parsing():
+    log = (
+        " iteration       10/     300 | elapsed time per iteration (ms): 900.0 | lm loss: 7.5E+00 |\n"
+        " iteration       20/     300 | elapsed time per iteration (ms): 100.0 | lm loss: 6.25 |\n"
+        " iteration       30/     300 | elapsed time per iteration (ms): 300.0 | lm loss: 5.0 |\n"
+    )
+    assert quickstart.parse_losses(log) == [7.5, 6.25, 5.0]
+    assert quickstart.data_tokens_per_second(log, seq_length=512, global_batch_size=32) == 32 * 512 / 0.2
