@@ -46,9 +46,15 @@ class SDARConfig:
         self.position_ids = PositionIds(self.position_ids)
 
     def validate(
-        self, seq_length: int, vocab_size: int, special_token_ids: dict[str, int] | None = None
+        self,
+        seq_length: int,
+        vocab_size: int | None = None,
+        special_token_ids: dict[str, int] | None = None,
     ) -> None:
-        """Raise ``ValueError`` saying what to change when the settings cannot work together."""
+        """Raise ``ValueError`` saying what to change when the settings cannot work together.
+
+        Token checks run only when ``vocab_size`` is known (after the tokenizer is built).
+        """
         if self.block_size < 1:
             raise ValueError(f"--sdar-block-size must be >= 1, got {self.block_size}")
         if seq_length % self.block_size != 0:
@@ -57,6 +63,14 @@ class SDARConfig:
                 f"{self.block_size}; pick --seq-length as a multiple of --sdar-block-size "
                 f"(e.g. {seq_length - seq_length % self.block_size or self.block_size})"
             )
+        if not 0.0 <= self.noise_eps < 1.0:
+            raise ValueError(f"--sdar-noise-eps must be in [0, 1), got {self.noise_eps}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"unknown SDAR attention backend {self.attention_backend!r}; use one of {ATTENTION_BACKENDS}"
+            )
+        if vocab_size is None:
+            return
         if not 0 <= self.mask_token_id < vocab_size:
             raise ValueError(
                 f"mask token id {self.mask_token_id} is outside the vocabulary [0, {vocab_size}); "
@@ -68,9 +82,3 @@ class SDARConfig:
                     f"mask token id {self.mask_token_id} is the tokenizer's {name} token; the mask "
                     "token must be a token that never occurs in the data"
                 )
-        if not 0.0 <= self.noise_eps < 1.0:
-            raise ValueError(f"--sdar-noise-eps must be in [0, 1), got {self.noise_eps}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"unknown SDAR attention backend {self.attention_backend!r}; use one of {ATTENTION_BACKENDS}"
-            )

@@ -145,11 +145,8 @@ def validate_sdar_args(args: argparse.Namespace, vocab_size: int | None = None, 
         if args.attention_dropout != 0.0:
             problems.append("SDAR attention has no dropout: pass --attention-dropout 0")
         try:
-            config = sdar_config_from_args(args)
-            if vocab_size is not None and args.sdar_mask_token_id is not None:
-                config.validate(args.seq_length, vocab_size, special_tokens)
-            elif args.seq_length % args.sdar_block_size != 0 or args.sdar_block_size < 1:
-                config.validate(args.seq_length, max(config.mask_token_id + 1, 1), None)
+            known_vocab = vocab_size if args.sdar_mask_token_id is not None else None
+            sdar_config_from_args(args).validate(args.seq_length, known_vocab, special_tokens)
         except ValueError as err:
             problems.append(str(err))
     if args.sdar_stage == "sft" and getattr(args, "mock_data", False):
