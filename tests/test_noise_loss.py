@@ -195,5 +195,8 @@ def test_settings_validation():
         SDARConfig(block_size=4, mask_token_id=7).validate(64, 100, {"padding": 7})
     with pytest.raises(ValueError, match="noise-eps"):
         SDARConfig(block_size=4, mask_token_id=5, noise_eps=-0.1).validate(64, 100)
+    with pytest.raises(ValueError, match="block-size must be >= 1"):
+        SDARConfig(block_size=0, mask_token_id=5).validate(64)
+    SDARConfig(block_size=4, mask_token_id=-1).validate(64)  # tokens are checked once the vocabulary is known
     with pytest.raises(ValueError):
         SDARConfig(loss_normalizer="tokens")
