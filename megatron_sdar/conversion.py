@@ -12,6 +12,7 @@ to, and round trips are bit-exact.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,67 +61,103 @@ _LAYER_DIRECT = {
     "self_attn.k_norm.weight": "self_attention.k_layernorm.weight",
     "mlp.down_proj.weight": "mlp.linear_fc2.weight",
 }
+_QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+_FC1 = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
+_TOP = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+_LAYER_PREFIX = ("decoder.layers.", "model.layers.")
 
 
-def hf_layer_to_mcore(hf: dict[str, torch.Tensor], shape: AttentionShape) -> dict[str, torch.Tensor]:
-    """One decoder layer: HF names relative to ``model.layers.i.`` -> Megatron names relative to
-    ``decoder.layers.i.``."""
-    out = {mc: hf[name] for name, mc in _LAYER_DIRECT.items() if name in hf}
-    out["self_attention.linear_qkv.weight"] = fuse_qkv(
-        hf["self_attn.q_proj.weight"], hf["self_attn.k_proj.weight"], hf["self_attn.v_proj.weight"], shape
-    )
-    out["mlp.linear_fc1.weight"] = torch.cat([hf["mlp.gate_proj.weight"], hf["mlp.up_proj.weight"]], dim=0)
-    unknown = set(hf) - set(_LAYER_DIRECT) - {
-        "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-        "mlp.gate_proj.weight", "mlp.up_proj.weight",
-    }  # fmt: skip
-    if unknown:
-        raise ValueError(f"unsupported HF layer parameters: {sorted(unknown)}")
-    return out
+def _split_layer_name(name: str, prefix: str) -> tuple[int, str] | None:
+    if not name.startswith(prefix):
+        return None
+    idx, rest = name[len(prefix) :].split(".", 1)
+    return int(idx), rest
 
 
-def mcore_layer_to_hf(mc: dict[str, torch.Tensor], shape: AttentionShape) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`hf_layer_to_mcore`."""
+def hf_sources(mcore_name: str) -> tuple[str, ...]:
+    """The HF tensors a Megatron (local spec, unsplit) parameter is built from."""
+    if mcore_name in _TOP:
+        return (_TOP[mcore_name],)
+    split = _split_layer_name(mcore_name, _LAYER_PREFIX[0])
+    if split is None:
+        raise ValueError(f"no HF source known for Megatron parameter {mcore_name!r}")
+    i, rest = split
     inverse = {v: k for k, v in _LAYER_DIRECT.items()}
-    out = {inverse[name]: t for name, t in mc.items() if name in inverse}
-    q, k, v = split_qkv(mc["self_attention.linear_qkv.weight"], shape)
-    out.update({"self_attn.q_proj.weight": q, "self_attn.k_proj.weight": k, "self_attn.v_proj.weight": v})
-    gate, up = mc["mlp.linear_fc1.weight"].chunk(2, dim=0)
-    out.update({"mlp.gate_proj.weight": gate.contiguous(), "mlp.up_proj.weight": up.contiguous()})
-    return out
+    if rest in inverse:
+        names = (inverse[rest],)
+    elif rest == "self_attention.linear_qkv.weight":
+        names = _QKV
+    elif rest == "mlp.linear_fc1.weight":
+        names = _FC1
+    else:
+        raise ValueError(f"no HF source known for Megatron parameter {mcore_name!r}")
+    return tuple(f"{_LAYER_PREFIX[1]}{i}.{n}" for n in names)
+
+
+def mcore_param_from_hf(
+    mcore_name: str, read: Callable[[str], torch.Tensor], shape: AttentionShape
+) -> torch.Tensor:
+    """Build one Megatron parameter from the HF tensors ``read(name)`` returns."""
+    sources = [read(n) for n in hf_sources(mcore_name)]
+    if mcore_name.endswith("self_attention.linear_qkv.weight"):
+        return fuse_qkv(*sources, shape)
+    if mcore_name.endswith("mlp.linear_fc1.weight"):
+        return torch.cat(sources, dim=0)
+    return sources[0]
+
+
+def hf_params_from_mcore(
+    mcore_name: str, tensor: torch.Tensor, shape: AttentionShape
+) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`mcore_param_from_hf`: the HF tensors one Megatron parameter holds."""
+    names = hf_sources(mcore_name)
+    if mcore_name.endswith("self_attention.linear_qkv.weight"):
+        return dict(zip(names, split_qkv(tensor, shape)))
+    if mcore_name.endswith("mlp.linear_fc1.weight"):
+        return dict(zip(names, (c.contiguous() for c in tensor.chunk(2, dim=0))))
+    return {names[0]: tensor}
+
+
+def mcore_names_for_hf(hf_names: list[str], num_layers: int, tied: bool) -> list[str]:
+    """The Megatron parameters an HF checkpoint with these tensor names converts to."""
+    present = set(hf_names)
+    names = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight"]
+    if not tied:
+        names.append("output_layer.weight")
+    known = set(_TOP.values())
+    for i in range(num_layers):
+        layer = {n for n in present if n.startswith(f"model.layers.{i}.")}
+        if not layer:
+            raise ValueError(f"the HF checkpoint has no parameters for layer {i}")
+        for rest in [*_LAYER_DIRECT.values(), "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight"]:
+            name = f"decoder.layers.{i}.{rest}"
+            sources = hf_sources(name)
+            if all(src in present for src in sources):
+                names.append(name)
+                known.update(sources)
+    unknown = present - known - ({"lm_head.weight"} if tied else set())
+    if unknown:
+        raise ValueError(f"unsupported HF parameters: {sorted(unknown)[:8]}")
+    return names
 
 
 def hf_to_mcore_state_dict(hf: dict[str, torch.Tensor], shape: AttentionShape, num_layers: int,
                            tied: bool) -> dict[str, torch.Tensor]:  # fmt: skip
     """A whole HF Llama/Qwen3 state dict -> Megatron GPT (local spec, unsplit) state dict."""
-    out = {
-        "embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
-        "decoder.final_layernorm.weight": hf["model.norm.weight"],
+    return {
+        n: mcore_param_from_hf(n, hf.__getitem__, shape)
+        for n in mcore_names_for_hf(list(hf), num_layers, tied)
     }
-    if not tied:
-        out["output_layer.weight"] = hf["lm_head.weight"]
-    for i in range(num_layers):
-        prefix = f"model.layers.{i}."
-        layer = {k[len(prefix) :]: v for k, v in hf.items() if k.startswith(prefix)}
-        if not layer:
-            raise ValueError(f"the HF checkpoint has no parameters for layer {i}")
-        for name, t in hf_layer_to_mcore(layer, shape).items():
-            out[f"decoder.layers.{i}.{name}"] = t
-    return out
 
 
-def mcore_to_hf_state_dict(mc: dict[str, torch.Tensor], shape: AttentionShape, num_layers: int,
-                           tied: bool) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Inverse of :func:`hf_to_mcore_state_dict`."""
-    out = {
-        "model.embed_tokens.weight": mc["embedding.word_embeddings.weight"],
-        "model.norm.weight": mc["decoder.final_layernorm.weight"],
-    }
-    if not tied:
-        out["lm_head.weight"] = mc["output_layer.weight"]
-    for i in range(num_layers):
-        prefix = f"decoder.layers.{i}."
-        layer = {k[len(prefix) :]: v for k, v in mc.items() if k.startswith(prefix)}
-        for name, t in mcore_layer_to_hf(layer, shape).items():
-            out[f"model.layers.{i}.{name}"] = t
+def mcore_to_hf_state_dict(mc: dict[str, torch.Tensor], shape: AttentionShape) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`hf_to_mcore_state_dict` (``_extra_state`` entries are skipped)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in mc.items():
+        if not name.endswith("_extra_state"):
+            out.update(hf_params_from_mcore(name, tensor, shape))
     return out

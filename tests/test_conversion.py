@@ -68,7 +68,7 @@ def test_logits_match_hf_and_round_trip_is_exact(arch, tied, megatron_world):
     assert diff <= 1e-4, diff
     assert torch.equal(logits.argmax(-1), expected.argmax(-1))
 
-    back = mcore_to_hf_state_dict(model.state_dict(), shape, LAYERS, tied)
+    back = mcore_to_hf_state_dict(model.state_dict(), shape)
     for name, tensor in hf_sd.items():
         if tied and name == "lm_head.weight":
             continue
