@@ -1,0 +1,150 @@
+"""Write Megatron ``torch_dist`` checkpoints one tensor at a time, for converters.
+
+A ``torch_dist`` checkpoint is a PyTorch distributed-checkpoint (DCP) directory whose tensors are
+keyed by Megatron's global sharded keys (``decoder.layers.mlp.linear_fc1.weight`` with the layers
+stacked on a leading axis, each layer its own chunk), plus ``metadata.json`` naming the backend and
+``common.pt`` with the non-tensor state. Megatron reshards it to any tensor/pipeline layout on load.
+
+:func:`save_torch_dist` plans every chunk from shapes alone and asks for each chunk's data only when
+it is written, so peak memory is about one parameter, not the model. The layout comes from a model
+built on the ``meta`` device at TP=PP=1 (:func:`checkpoint_chunks`), so it is exactly Megatron's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+METADATA = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One stored piece of a global tensor, and where its data comes from."""
+
+    key: str  # global checkpoint key
+    global_shape: tuple[int, ...]
+    offset: tuple[int, ...]
+    shape: tuple[int, ...]  # chunk shape, prepended axes included
+    dtype: torch.dtype
+    param: str  # the model's (TP=PP=1) parameter name
+    param_slice: tuple[slice, ...]  # the part of that parameter this chunk holds
+
+
+def checkpoint_chunks(model: torch.nn.Module) -> list[Chunk]:
+    """The chunks Megatron stores for ``model`` (built at TP=PP=1; meta tensors are fine)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    sharded = model.sharded_state_dict()
+    apply_factories(sharded)
+    chunks = []
+    for param, value in sharded.items():
+        for st in value if isinstance(value, list) else [value]:
+            if not isinstance(st, ShardedTensor):
+                continue  # _extra_state objects: nothing for local layers
+            pre = st.prepend_axis_num
+            local = tuple(st.data.shape)
+            piece = tuple(slice(o, o + n) for o, n in zip(st.global_offset[pre:], local))
+            chunks.append(
+                Chunk(
+                    key=st.key, global_shape=tuple(st.global_shape), offset=tuple(st.global_offset),
+                    shape=(1,) * pre + local, dtype=st.dtype, param=param, param_slice=piece,
+                )  # fmt: skip
+            )
+    return chunks
+
+
+def _lazy_planner(chunks: list[Chunk], fetch: Callable[[str], torch.Tensor], dtype: torch.dtype | None):
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+    class LazySavePlanner(DefaultSavePlanner):
+        """Plans the given chunks; fetches a chunk's parameter only when it is written."""
+
+        def __init__(self) -> None:
+            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+            self.by_index = {(c.key, torch.Size(c.offset)): c for c in chunks}
+            self.cached: tuple[str, torch.Tensor] | None = None
+
+        def create_local_plan(self) -> SavePlan:
+            items = [
+                WriteItem(
+                    index=MetadataIndex(c.key, torch.Size(c.offset)),
+                    type=WriteItemType.SHARD,
+                    tensor_data=TensorWriteData(
+                        chunk=ChunkStorageMetadata(offsets=torch.Size(c.offset), sizes=torch.Size(c.shape)),
+                        properties=TensorProperties(dtype=dtype or c.dtype),
+                        size=torch.Size(c.global_shape),
+                    ),
+                )
+                for c in chunks
+            ]
+            self.plan = SavePlan(items)
+            return self.plan
+
+        def resolve_data(self, write_item):
+            chunk = self.by_index[(write_item.index.fqn, torch.Size(write_item.index.offset))]
+            if self.cached is None or self.cached[0] != chunk.param:
+                self.cached = (chunk.param, fetch(chunk.param))  # one parameter in memory at a time
+            data = self.cached[1][chunk.param_slice].reshape(chunk.shape)
+            expected = tuple(chunk.shape)
+            if tuple(data.shape) != expected:
+                raise ValueError(f"{chunk.param}: got shape {tuple(data.shape)}, the model expects {expected}")
+            return data.to(dtype or chunk.dtype).contiguous()
+
+    return LazySavePlanner()
+
+
+def save_torch_dist(
+    save_dir: str,
+    chunks: list[Chunk],
+    fetch: Callable[[str], torch.Tensor],
+    common: dict[str, Any],
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    tag: str = "release",
+) -> str:
+    """Write ``save_dir/{tag}`` (+ the iteration tracker) atomically; returns the checkpoint path.
+
+    The checkpoint is written under a temporary name and renamed into place, and the tracker file is
+    replaced last, so a failure never leaves a checkpoint that Megatron would pick up.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    final = os.path.join(save_dir, tag)
+    if os.path.exists(final) or os.path.exists(os.path.join(save_dir, TRACKER)):
+        if not overwrite:
+            raise FileExistsError(f"{save_dir} already holds a checkpoint; pass --overwrite to replace it")
+    os.makedirs(save_dir, exist_ok=True)
+    tmp = os.path.join(save_dir, f".{tag}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        writer = dcp.FileSystemWriter(tmp, single_file_per_rank=True, thread_count=1, sync_files=True)
+        dcp.save({}, storage_writer=writer, planner=_lazy_planner(chunks, fetch, dtype), no_dist=True)
+        with open(os.path.join(tmp, "metadata.json"), "w") as f:
+            json.dump(METADATA, f)
+        torch.save(common, os.path.join(tmp, "common.pt"))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tracker_tmp = os.path.join(save_dir, f".{TRACKER}.tmp{os.getpid()}")
+    with open(tracker_tmp, "w") as f:
+        f.write(tag)
+    os.replace(tracker_tmp, os.path.join(save_dir, TRACKER))
+    return final
