@@ -7,11 +7,12 @@ stacked on a leading axis, each layer its own chunk), plus ``metadata.json`` nam
 
 :func:`save_torch_dist` plans every chunk from shapes alone and asks for each chunk's data only when
 it is written, so peak memory is about one parameter, not the model. The layout comes from a model
-built on the ``meta`` device at TP=PP=1 (:func:`checkpoint_chunks`), so it is exactly Megatron's.
+built on the ``meta`` device at TP=PP=1 (:func:`checkpoint_layout`), so it is exactly Megatron's.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -43,30 +44,47 @@ class Chunk:
     param_slice: tuple[slice, ...]  # the part of that parameter this chunk holds
 
 
-def checkpoint_chunks(model: torch.nn.Module) -> list[Chunk]:
-    """The chunks Megatron stores for ``model`` (built at TP=PP=1; meta tensors are fine)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+@dataclass
+class Layout:
+    """Everything Megatron stores for a model: tensor chunks and (small) objects by unique key."""
+
+    chunks: list[Chunk]
+    objects: dict[str, Any]
+
+
+def checkpoint_layout(model: torch.nn.Module) -> Layout:
+    """What Megatron stores for ``model`` (built at TP=PP=1; meta tensors are fine)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
 
     sharded = model.sharded_state_dict()
     apply_factories(sharded)
     chunks = []
+    objects: dict[str, list] = {}
     for param, value in sharded.items():
         for st in value if isinstance(value, list) else [value]:
+            if isinstance(st, ShardedObject):  # e.g. layers' _extra_state, stored as torch.save([data])
+                objects.setdefault(st.unique_key, []).append(st.data)
+                continue
             if not isinstance(st, ShardedTensor):
-                continue  # _extra_state objects: nothing for local layers
+                raise TypeError(f"{param}: cannot store {type(st).__name__} in a converted checkpoint")
             pre = st.prepend_axis_num
             local = tuple(st.data.shape)
             piece = tuple(slice(o, o + n) for o, n in zip(st.global_offset[pre:], local))
             chunks.append(
                 Chunk(
-                    key=st.key, global_shape=tuple(st.global_shape), offset=tuple(st.global_offset),
-                    shape=(1,) * pre + local, dtype=st.dtype, param=param, param_slice=piece,
+                    key=st.key,
+                    global_shape=tuple(st.global_shape),
+                    offset=tuple(st.global_offset),
+                    shape=(1,) * pre + local,
+                    dtype=st.dtype,
+                    param=param,
+                    param_slice=piece,
                 )  # fmt: skip
             )
-    return chunks
+    return Layout(chunks, objects)
 
 
-def _lazy_planner(chunks: list[Chunk], fetch: Callable[[str], torch.Tensor], dtype: torch.dtype | None):
+def _lazy_planner(layout: Layout, fetch: Callable[[str], torch.Tensor], dtype: torch.dtype | None):
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
     from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
@@ -76,7 +94,7 @@ def _lazy_planner(chunks: list[Chunk], fetch: Callable[[str], torch.Tensor], dty
 
         def __init__(self) -> None:
             super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-            self.by_index = {(c.key, torch.Size(c.offset)): c for c in chunks}
+            self.by_index = {(c.key, torch.Size(c.offset)): c for c in layout.chunks}
             self.cached: tuple[str, torch.Tensor] | None = None
 
         def create_local_plan(self) -> SavePlan:
@@ -90,19 +108,29 @@ def _lazy_planner(chunks: list[Chunk], fetch: Callable[[str], torch.Tensor], dty
                         size=torch.Size(c.global_shape),
                     ),
                 )
-                for c in chunks
+                for c in layout.chunks
+            ]
+            items += [
+                WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in layout.objects
             ]
             self.plan = SavePlan(items)
             return self.plan
 
         def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.BYTE_IO:
+                buffer = io.BytesIO()
+                torch.save(layout.objects[write_item.index.fqn], buffer)
+                buffer.seek(0)
+                return buffer
             chunk = self.by_index[(write_item.index.fqn, torch.Size(write_item.index.offset))]
             if self.cached is None or self.cached[0] != chunk.param:
                 self.cached = (chunk.param, fetch(chunk.param))  # one parameter in memory at a time
             data = self.cached[1][chunk.param_slice].reshape(chunk.shape)
             expected = tuple(chunk.shape)
             if tuple(data.shape) != expected:
-                raise ValueError(f"{chunk.param}: got shape {tuple(data.shape)}, the model expects {expected}")
+                raise ValueError(
+                    f"{chunk.param}: got shape {tuple(data.shape)}, the model expects {expected}"
+                )
             return data.to(dtype or chunk.dtype).contiguous()
 
     return LazySavePlanner()
@@ -110,7 +138,7 @@ def _lazy_planner(chunks: list[Chunk], fetch: Callable[[str], torch.Tensor], dty
 
 def save_torch_dist(
     save_dir: str,
-    chunks: list[Chunk],
+    layout: Layout,
     fetch: Callable[[str], torch.Tensor],
     common: dict[str, Any],
     dtype: torch.dtype | None = None,
@@ -133,7 +161,7 @@ def save_torch_dist(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         writer = dcp.FileSystemWriter(tmp, single_file_per_rank=True, thread_count=1, sync_files=True)
-        dcp.save({}, storage_writer=writer, planner=_lazy_planner(chunks, fetch, dtype), no_dist=True)
+        dcp.save({}, storage_writer=writer, planner=_lazy_planner(layout, fetch, dtype), no_dist=True)
         with open(os.path.join(tmp, "metadata.json"), "w") as f:
             json.dump(METADATA, f)
         torch.save(common, os.path.join(tmp, "common.pt"))

@@ -81,6 +81,38 @@ def global_name(name: str, layer_offset: int) -> str:
     return name
 
 
+def run_load(args) -> int:
+    """Load a converted checkpoint at this TP/PP layout and compare every parameter, gathered back
+    to full size, with the reference (the same checkpoint loaded at TP=PP=1)."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from megatron_sdar.config import SDARConfig
+    from tests.helpers import init_megatron, tiny_model
+    from tests.test_conversion import FFN, HEAD_DIM, HEADS, HIDDEN, KV, LAYERS
+
+    init_megatron(tp=args.tp, pp=args.pp, rank=args.rank, world_size=args.world_size, port=args.port)
+    model = tiny_model(
+        SDARConfig(block_size=4, mask_token_id=1), vocab_size=128, seq_length=32, tied=args.tied,
+        num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=KV,
+        kv_channels=HEAD_DIM, ffn_hidden_size=FFN, qk_layernorm=(args.arch == "qwen3"), seed=9,
+        pipeline_dtype=torch.float32,
+    )  # fmt: skip
+    loaded = dist_checkpointing.load(model.sharded_state_dict(), args.ckpt, strict="assume_ok_unexpected")
+    model.load_state_dict(loaded, strict=False)
+    ref = torch.load(args.ref, weights_only=True)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    offset = parallel_state.get_pipeline_model_parallel_rank() * (LAYERS // args.pp)
+    failures = []
+    for name, param in model.named_parameters():
+        parts = [torch.empty_like(param) for _ in range(args.tp)]
+        torch.distributed.all_gather(parts, param.detach().contiguous(), group=tp_group)
+        full_name = global_name(name, offset)
+        if not torch.equal(unshard(name, parts), ref[full_name]):
+            failures.append(full_name)
+    print(json.dumps({"rank": args.rank, "failures": failures}))
+    return 1 if failures else 0
+
+
 def run(args) -> int:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -192,7 +224,9 @@ def run(args) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--phase", choices=["ref", "par"], required=True)
+    parser.add_argument("--phase", choices=["ref", "par", "load"], required=True)
+    parser.add_argument("--ckpt", default=None)
+    parser.add_argument("--arch", default="qwen3")
     parser.add_argument("--ref", required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
@@ -202,7 +236,8 @@ def main() -> None:
     parser.add_argument("--tied", action="store_true")
     parser.add_argument("--clean-attention", default="block_causal")
     parser.add_argument("--loss-normalizer", default="eligible")
-    sys.exit(run(parser.parse_args()))
+    args = parser.parse_args()
+    sys.exit(run_load(args) if args.phase == "load" else run(args))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,158 @@
+"""Reading HF checkpoints (config, sharded safetensors) lazily, and what their architecture means
+for Megatron: the flags a training run needs and the checks that refuse what is not implemented."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3", "SDARForCausalLM": "qwen3"}
+
+
+@dataclass
+class Architecture:
+    """The model shape both sides agree on; ``megatron_args`` turns it into Megatron flags."""
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    vocab_size: int  # rows in the HF embedding
+    padded_vocab_size: int  # rows in the Megatron checkpoint
+    rotary_base: float
+    norm_epsilon: float
+    qk_layernorm: bool
+    tied_embeddings: bool
+    max_position_embeddings: int
+    mask_token_id: int | None = None
+    block_size: int | None = None
+
+    def megatron_args(self) -> list[str]:
+        """The architecture flags for ``pretrain_sdar.py``."""
+        args = [
+            "--num-layers", str(self.num_layers), "--hidden-size", str(self.hidden_size),
+            "--ffn-hidden-size", str(self.ffn_hidden_size),
+            "--num-attention-heads", str(self.num_attention_heads),
+            "--group-query-attention", "--num-query-groups", str(self.num_query_groups),
+            "--kv-channels", str(self.kv_channels), "--normalization", "RMSNorm",
+            "--norm-epsilon", repr(self.norm_epsilon), "--swiglu", "--disable-bias-linear",
+            "--position-embedding-type", "rope", "--rotary-base", str(int(self.rotary_base)),
+            "--max-position-embeddings", str(self.max_position_embeddings),
+        ]  # fmt: skip
+        if self.qk_layernorm:
+            args.append("--qk-layernorm")
+        if not self.tied_embeddings:
+            args.append("--untie-embeddings-and-output-weights")
+        if self.mask_token_id is not None:
+            args += ["--sdar-mask-token-id", str(self.mask_token_id)]
+        return args
+
+    def to_json(self) -> dict[str, Any]:
+        return {"architecture": asdict(self), "megatron_args": self.megatron_args()}
+
+
+def padded_vocab(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    """Megatron's padded vocabulary size (a multiple of ``divisible_by * tensor_parallel``)."""
+    multiple = divisible_by * tensor_parallel
+    return -(-vocab_size // multiple) * multiple
+
+
+def read_architecture(
+    hf_dir: str, make_vocab_size_divisible_by: int = 128, tensor_parallel: int = 1
+) -> Architecture:
+    """Parse ``config.json``; refuse features the converter does not implement, saying which."""
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: --hf-dir must be a HF model folder")
+    with open(path) as f:
+        cfg = json.load(f)
+    archs = cfg.get("architectures") or []
+    arch = next((a for a in archs if a in SUPPORTED), None)
+    if arch is None:
+        raise ValueError(
+            f"unsupported architecture {archs}; supported: {sorted(SUPPORTED)}"
+            + (" (Qwen3-MoE conversion is not implemented yet)" if "Qwen3MoeForCausalLM" in archs else "")
+        )
+    problems = []
+    scaling = cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {})
+    if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
+        problems.append(f"rope scaling {scaling} is not implemented")
+    if cfg.get("use_sliding_window"):
+        problems.append("sliding-window attention is not implemented")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        problems.append("attention/MLP biases are not implemented")
+    if cfg.get("hidden_act", "silu") != "silu":
+        problems.append(f"activation {cfg.get('hidden_act')} is not implemented (SwiGLU/silu only)")
+    if problems:
+        raise ValueError(f"{hf_dir}: " + "; ".join(problems))
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads", heads)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    return Architecture(
+        family=SUPPORTED[arch],
+        num_layers=cfg["num_hidden_layers"],
+        hidden_size=cfg["hidden_size"],
+        ffn_hidden_size=cfg["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=kv,
+        kv_channels=head_dim,
+        vocab_size=cfg["vocab_size"],
+        padded_vocab_size=padded_vocab(cfg["vocab_size"], make_vocab_size_divisible_by, tensor_parallel),
+        rotary_base=float(theta),
+        norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
+        qk_layernorm=SUPPORTED[arch] == "qwen3",
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        mask_token_id=cfg.get("mask_token_id"),
+        block_size=cfg.get("block_size"),
+    )
+
+
+class SafetensorsReader:
+    """Tensors of a single-file or sharded (with index) safetensors checkpoint, opened lazily."""
+
+    def __init__(self, hf_dir: str) -> None:
+        from safetensors import safe_open
+
+        index = os.path.join(hf_dir, "model.safetensors.index.json")
+        single = os.path.join(hf_dir, "model.safetensors")
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        elif os.path.isfile(single):
+            with safe_open(single, "pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise FileNotFoundError(
+                f"{hf_dir} has neither model.safetensors nor model.safetensors.index.json"
+            )
+        missing = sorted({s for s in weight_map.values() if not os.path.isfile(os.path.join(hf_dir, s))})
+        if missing:
+            raise FileNotFoundError(f"{hf_dir}: shard files listed in the index are missing: {missing}")
+        self.hf_dir = hf_dir
+        self.weight_map = weight_map
+        self._open: dict[str, Any] = {}
+        self._safe_open = safe_open
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __call__(self, name: str):
+        if name not in self.weight_map:
+            raise KeyError(f"{name} is not in the HF checkpoint at {self.hf_dir}")
+        shard = self.weight_map[name]
+        if shard not in self._open:
+            try:
+                self._open[shard] = self._safe_open(os.path.join(self.hf_dir, shard), "pt")
+            except Exception as err:  # truncated or corrupt shard
+                raise ValueError(f"cannot read {shard} in {self.hf_dir}: {err}") from err
+        try:
+            return self._open[shard].get_tensor(name)
+        except Exception as err:
+            raise ValueError(f"cannot read {name} from {shard}: {err}") from err

@@ -1,0 +1,171 @@
+"""tools/convert_hf_to_mcore.py: HF safetensors (single or sharded) -> torch_dist checkpoint that
+loads into the SDAR model with logits equal to HF's, at TP=1 and resharded to TP=2 / PP=2; the
+error cases refuse clearly and leave no checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_sdar.config import SDARConfig
+from megatron_sdar.masks import document_ids_from_lengths, make_layout
+from megatron_sdar.positions import sdar_position_ids
+from tests.helpers import free_port, tiny_model
+from tests.test_conversion import FFN, HEAD_DIM, HEADS, HIDDEN, KV, LAYERS, VOCAB, hf_model
+from tools import convert_hf_to_mcore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", params=[("qwen3", False, None), ("llama", True, "2KB")])
+def hf_dir(request, tmp_path_factory):
+    arch, tied, shard = request.param
+    model, _ = hf_model(arch, tied)
+    out = tmp_path_factory.mktemp(f"hf-{arch}")
+    model.save_pretrained(out, max_shard_size=shard or "1GB")
+    if shard:
+        assert (out / "model.safetensors.index.json").exists()
+    return out, model, arch, tied
+
+
+def load_at_tp1(ckpt: str, arch: str, tied: bool):
+    from megatron.core import dist_checkpointing
+
+    theta = 1e6 if arch == "qwen3" else 1e4
+    model = tiny_model(
+        SDARConfig(block_size=4, mask_token_id=VOCAB - 1, clean_attention="causal"), vocab_size=128,
+        seq_length=32, tied=tied, num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS,
+        num_query_groups=KV, kv_channels=HEAD_DIM, ffn_hidden_size=FFN, qk_layernorm=(arch == "qwen3"),
+        rotary_base=theta, seed=5,
+    )  # fmt: skip
+    loaded = dist_checkpointing.load(model.sharded_state_dict(), ckpt, strict="assume_ok_unexpected")
+    model.load_state_dict(loaded, strict=False)
+    return model.eval()
+
+
+def clean_half_logits(model, tokens, tied):
+    with torch.no_grad():
+        n = tokens.shape[1]
+        doc_ids = document_ids_from_lengths([n]).repeat(tokens.shape[0], 1)
+        emb = model.embedding(input_ids=torch.cat([tokens, tokens], -1), position_ids=None)
+        hidden = model.decoder(
+            hidden_states=emb, attention_mask=make_layout(doc_ids, 4, "document"),
+            rotary_pos_emb=model.sdar_rotary(sdar_position_ids(doc_ids, False)),
+        )  # fmt: skip
+        weight = model.shared_embedding_or_output_weight() if tied else None
+        return model.output_layer(hidden[n:], weight=weight)[0].transpose(0, 1)
+
+
+def test_convert_and_load_tp1(hf_dir, tmp_path, megatron_world):
+    src, hf, arch, tied = hf_dir
+    save = tmp_path / "ckpt"
+    result = convert_hf_to_mcore.main(["--hf-dir", str(src), "--save", str(save), "--dtype", "fp32",
+                                       "--mask-token", str(VOCAB - 1), "--block-size", "4"])  # fmt: skip
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "release"
+    info = json.loads((save / "sdar_architecture.json").read_text())
+    assert (
+        info["architecture"]["padded_vocab_size"] == 128 and "--sdar-mask-token-id" in info["megatron_args"]
+    )
+    assert ("--qk-layernorm" in info["megatron_args"]) == (arch == "qwen3")
+    model = load_at_tp1(result["path"], arch, tied)
+    tokens = torch.randint(0, VOCAB - 1, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    logits = clean_half_logits(model, tokens, tied)[..., :VOCAB]
+    assert (logits - expected).abs().max().item() <= 1e-4
+    assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+    assert model.embedding.word_embeddings.weight[VOCAB:].abs().sum() == 0  # padded rows
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
+def test_checkpoint_reshards_to_tp2_and_pp2(hf_dir, tmp_path, tp, pp, megatron_world):
+    src, _, arch, tied = hf_dir
+    if tied and pp > 1:
+        pytest.skip("Megatron synchronises tied embeddings across pipeline stages with CUDA tensors only")
+    save = tmp_path / "ckpt"
+    result = convert_hf_to_mcore.main(["--hf-dir", str(src), "--save", str(save), "--dtype", "fp32",
+                                       "--tensor-model-parallel-size", str(tp)])  # fmt: skip
+    reference = tmp_path / "ref.pt"
+    torch.save(
+        {n: p.detach() for n, p in load_at_tp1(result["path"], arch, tied).named_parameters()}, reference
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    port = str(free_port())
+    extra = ["--tied"] if tied else []
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.parallel_worker",
+                "--phase",
+                "load",
+                "--ref",
+                str(reference),
+                "--ckpt",
+                result["path"],
+                "--arch",
+                arch,
+                "--tp",
+                str(tp),
+                "--pp",
+                str(pp),
+                "--rank",
+                str(r),
+                "--world-size",
+                "2",
+                "--port",
+                port,
+                *extra,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, (out[-2000:], err[-3000:])
+
+
+def test_refusals(hf_dir, tmp_path):
+    src, _, _, _ = hf_dir
+    save = tmp_path / "ckpt"
+    convert_hf_to_mcore.main(["--hf-dir", str(src), "--save", str(save)])
+    with pytest.raises(SystemExit, match="--overwrite"):
+        convert_hf_to_mcore.main(["--hf-dir", str(src), "--save", str(save)])
+    with pytest.raises(SystemExit, match="do not split over TP=3"):
+        convert_hf_to_mcore.main(
+            ["--hf-dir", str(src), "--save", str(tmp_path / "x"), "--tensor-model-parallel-size", "3"]
+        )
+    with pytest.raises(SystemExit, match="outside the embedding"):
+        convert_hf_to_mcore.main(
+            ["--hf-dir", str(src), "--save", str(tmp_path / "y"), "--mask-token", "4000"]
+        )
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    cfg = json.loads((src / "config.json").read_text())
+    for change, message in [
+        ({"architectures": ["Qwen3MoeForCausalLM"]}, "Qwen3-MoE conversion is not implemented"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling"),
+        ({"use_sliding_window": True}, "sliding-window"),
+    ]:
+        (broken / "config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(SystemExit, match=message):
+            convert_hf_to_mcore.main(["--hf-dir", str(broken), "--save", str(tmp_path / "z")])
+    (broken / "config.json").write_text(json.dumps(cfg))
+    (broken / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "missing.safetensors"}})
+    )
+    with pytest.raises(SystemExit, match="missing"):
+        convert_hf_to_mcore.main(["--hf-dir", str(broken), "--save", str(tmp_path / "z")])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()

@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Convert a HF Llama/Qwen3 checkpoint into a Megatron ``torch_dist`` checkpoint for pretrain_sdar.py.
+
+    python tools/convert_hf_to_mcore.py --hf-dir /models/Qwen3-1.7B --save ckpt/qwen3-1.7b \\
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --mask-token '<|MASK|>'
+
+The checkpoint (``--save/release`` + ``latest_checkpointed_iteration.txt``) is Megatron's sharded
+format, which Megatron reshards on load, so it starts ``pretrain_sdar.py --finetune --load`` at any
+tensor/pipeline layout whose divisibility rules it meets; the parallel sizes given here are checked
+and fix the vocabulary padding (``--make-vocab-size-divisible-by`` x TP). Weights are read and
+written one parameter at a time (peak memory about one parameter). Also written:
+``sdar_architecture.json`` (the architecture and the Megatron flags it implies) and the tokenizer
+files under ``tokenizer/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import warnings
+from argparse import Namespace
+
+warnings.filterwarnings("ignore", category=UserWarning)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "generation_config.json",
+)  # fmt: skip
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hf-dir", required=True)
+    p.add_argument("--save", required=True)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--expert-model-parallel-size", type=int, default=1)
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    p.add_argument("--mask-token", default=None, help="mask token id, or a token string in the tokenizer")
+    p.add_argument("--block-size", type=int, default=None, help="SDAR block size to record")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def resolve_mask_token(hf_dir: str, value: str | None, vocab_size: int) -> int | None:
+    if value is None:
+        return None
+    if value.lstrip("-").isdigit():
+        token_id = int(value)
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+        except Exception as err:
+            msg = f"error: --mask-token {value!r} is a string but {hf_dir} has no tokenizer: {err}"
+            raise SystemExit(msg) from None
+        token_id = tok.convert_tokens_to_ids(value)
+        if token_id is None or token_id == tok.unk_token_id:
+            raise SystemExit(
+                f"error: {value!r} is not a token of the tokenizer in {hf_dir}; pass an unused token id "
+                "inside the embedding instead (adding new tokens is not supported yet)"
+            )
+    if not 0 <= token_id < vocab_size:
+        raise SystemExit(f"error: mask token id {token_id} is outside the embedding's {vocab_size} rows")
+    return token_id
+
+
+def check_layout(arch, args) -> None:
+    tp, pp, ep = (
+        args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size,
+        args.expert_model_parallel_size,
+    )
+    problems = []
+    if arch.num_attention_heads % tp or arch.num_query_groups % tp:
+        problems.append(
+            f"{arch.num_attention_heads} heads / {arch.num_query_groups} KV groups do not split over TP={tp}"
+        )
+    if arch.ffn_hidden_size % tp:
+        problems.append(f"FFN size {arch.ffn_hidden_size} does not split over TP={tp}")
+    if arch.num_layers % pp:
+        problems.append(
+            f"{arch.num_layers} layers do not split over PP={pp} (use uneven-stage flags in training)"
+        )
+    if ep != 1:
+        problems.append("expert parallelism needs a mixture-of-experts model; this one is dense")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from megatron_sdar.checkpointing import checkpoint_layout, save_torch_dist
+    from megatron_sdar.config import SDARConfig
+    from megatron_sdar.conversion import AttentionShape, mcore_names_for_hf, mcore_param_from_hf
+    from megatron_sdar.hf_checkpoint import SafetensorsReader, read_architecture
+    from megatron_sdar.model import build_sdar_model, qwen3_transformer_config
+    from megatron_sdar.parallel import ensure_single_process_world
+
+    try:
+        arch = read_architecture(
+            args.hf_dir, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+        )
+        reader = SafetensorsReader(args.hf_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    check_layout(arch, args)
+    arch.mask_token_id = (
+        resolve_mask_token(args.hf_dir, args.mask_token, arch.vocab_size)
+        if args.mask_token
+        else arch.mask_token_id
+    )
+    arch.block_size = args.block_size or arch.block_size
+    shape = AttentionShape(arch.num_attention_heads, arch.num_query_groups, arch.kv_channels)
+    wanted = set(mcore_names_for_hf(reader.names(), arch.num_layers, arch.tied_embeddings))
+
+    ensure_single_process_world()
+    config = qwen3_transformer_config(
+        num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads, num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels, layernorm_epsilon=arch.norm_epsilon, qk_layernorm=arch.qk_layernorm,
+        use_cpu_initialization=True, perform_initialization=False,
+    )  # fmt: skip
+    with torch.device("meta"):
+        meta = build_sdar_model(
+            config, SDARConfig(), vocab_size=arch.padded_vocab_size,
+            max_sequence_length=arch.max_position_embeddings,
+            share_embeddings_and_output_weights=arch.tied_embeddings, rotary_base=arch.rotary_base,
+        )  # fmt: skip
+    layout = checkpoint_layout(meta)
+    params = {c.param for c in layout.chunks}
+    if params != wanted:
+        raise SystemExit(
+            f"error: the HF checkpoint and the Megatron model disagree: missing in HF "
+            f"{sorted(params - wanted)[:5]}, unused HF {sorted(wanted - params)[:5]}"
+        )
+    expected = {n: tuple(p.shape) for n, p in meta.named_parameters()}
+
+    def fetch(name: str) -> torch.Tensor:
+        tensor = mcore_param_from_hf(name, reader, shape)
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            pad = arch.padded_vocab_size - tensor.shape[0]
+            tensor = torch.cat([tensor, tensor.new_zeros(pad, tensor.shape[1])]) if pad else tensor
+        if tuple(tensor.shape) != expected[name]:
+            raise SystemExit(
+                f"error: {name}: HF gives shape {tuple(tensor.shape)}, expected {expected[name]}"
+            )
+        return tensor
+
+    common = {
+        "iteration": 0,
+        "checkpoint_version": 3.0,
+        "args": Namespace(
+            num_layers=arch.num_layers,
+            hidden_size=arch.hidden_size,
+            num_attention_heads=arch.num_attention_heads,
+            add_position_embedding=False,
+            padded_vocab_size=arch.padded_vocab_size,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        ),  # fmt: skip
+    }
+    dtype = getattr(torch, DTYPES[args.dtype])
+    try:
+        path = save_torch_dist(args.save, layout, fetch, common, dtype=dtype, overwrite=args.overwrite)
+    except FileExistsError as err:
+        raise SystemExit(f"error: {err}") from None
+    with open(os.path.join(args.save, "sdar_architecture.json"), "w") as f:
+        json.dump(arch.to_json(), f, indent=2)
+    copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(args.hf_dir, n))]
+    if copied:
+        os.makedirs(os.path.join(args.save, "tokenizer"), exist_ok=True)
+        for name in copied:
+            shutil.copy2(os.path.join(args.hf_dir, name), os.path.join(args.save, "tokenizer", name))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"wrote {path} ({len(layout.chunks)} tensor chunks, {args.dtype}); peak RSS {peak_mb:.0f} MB")
+    print("architecture flags: " + " ".join(arch.megatron_args()))
+    return {"path": path, "architecture": arch, "peak_rss_mb": peak_mb}
+
+
+if __name__ == "__main__":
+    main()
