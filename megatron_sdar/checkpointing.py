@@ -176,3 +176,40 @@ def save_torch_dist(
         f.write(tag)
     os.replace(tracker_tmp, os.path.join(save_dir, TRACKER))
     return final
+
+
+def read_region(checkpoint: str, key: str, offset: tuple[int, ...], shape: tuple[int, ...],
+                dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """Read one region of a stored global tensor, whatever chunks it was saved in (any TP/PP)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    buffer = torch.empty(shape, dtype=dtype)
+
+    class RegionLoadPlanner(DefaultLoadPlanner):
+        def create_local_plan(self) -> LoadPlan:
+            stored = self.metadata.state_dict_metadata.get(key)
+            if stored is None:
+                raise KeyError(f"{key} is not in the checkpoint at {checkpoint}")
+            region = ChunkStorageMetadata(offsets=torch.Size(offset), sizes=torch.Size(shape))
+            return LoadPlan(create_read_items_for_chunk_list(key, stored, [region]))
+
+        def lookup_tensor(self, index):
+            return buffer
+
+    dcp.load({}, storage_reader=dcp.FileSystemReader(checkpoint), planner=RegionLoadPlanner(), no_dist=True)
+    return buffer
+
+
+def read_parameter(
+    checkpoint: str, chunks: list[Chunk], full_shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """Assemble one (TP=PP=1) parameter from its chunks' regions in a checkpoint."""
+    out = torch.empty(full_shape, dtype=dtype)
+    for c in chunks:
+        region = read_region(checkpoint, c.key, c.offset, c.shape, dtype)
+        out[c.param_slice] = region.reshape(out[c.param_slice].shape)
+    return out

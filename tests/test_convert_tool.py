@@ -169,3 +169,42 @@ def test_refusals(hf_dir, tmp_path):
     with pytest.raises(SystemExit, match="missing"):
         convert_hf_to_mcore.main(["--hf-dir", str(broken), "--save", str(tmp_path / "z")])
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+def test_round_trip_back_to_hf(hf_dir, tmp_path):
+    """HF -> Megatron -> HF is bit-exact (fp32); the AR export loads in transformers with the same
+    logits; the SDAR export carries the SDAR config fields."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from tools import convert_mcore_to_hf
+
+    src, hf, arch, tied = hf_dir
+    ckpt = tmp_path / "ckpt"
+    convert_hf_to_mcore.main(["--hf-dir", str(src), "--save", str(ckpt), "--dtype", "fp32"])
+    ar = tmp_path / "ar"
+    convert_mcore_to_hf.main(["--load", str(ckpt), "--save", str(ar), "--format", "ar", "--dtype", "fp32"])
+    original = {k: v for k, v in hf.state_dict().items() if not (tied and k == "lm_head.weight")}
+    exported = {}
+    for f in ar.glob("*.safetensors"):
+        exported.update(load_file(f))
+    assert set(exported) == set(original)
+    assert all(torch.equal(exported[k], original[k]) for k in original)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(ar).eval()
+    tokens = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, hf(tokens).logits)
+
+    with pytest.raises(SystemExit, match="mask token id and block size"):
+        convert_mcore_to_hf.main(["--load", str(ckpt), "--save", str(tmp_path / "s0")])
+    sdar = tmp_path / "sdar"
+    convert_mcore_to_hf.main(
+        ["--load", str(ckpt), "--save", str(sdar), "--mask-token-id", "95", "--block-size", "4"]
+    )
+    config = json.loads((sdar / "config.json").read_text())
+    assert config["architectures"] == ["SDARForCausalLM"] and config["model_type"] == "sdar"
+    assert config["block_size"] == 4 and config["mask_token_id"] == 95 and config["base_model_type"] == arch
+    with pytest.raises(SystemExit, match="not empty"):
+        convert_mcore_to_hf.main(
+            ["--load", str(ckpt), "--save", str(sdar), "--mask-token-id", "95", "--block-size", "4"]
+        )

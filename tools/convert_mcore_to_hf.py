@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Convert a Megatron ``torch_dist`` checkpoint (any TP/PP it was saved at) to a HF checkpoint.
+
+    python tools/convert_mcore_to_hf.py --load ckpt/qwen3-sdar --save hf/qwen3-sdar            # SDAR
+    python tools/convert_mcore_to_hf.py --load ckpt/qwen3-sdar --save hf/qwen3-ar --format ar  # plain
+
+``--format sdar`` (default) keeps Qwen3/Llama parameter names and writes the SDAR config fields
+(``architectures: ["SDARForCausalLM"]``, ``model_type: "sdar"``, ``block_size``,
+``mask_token_id``); ``--format ar`` writes a plain ``Qwen3ForCausalLM``/``LlamaForCausalLM`` that
+``transformers`` loads as is. The architecture comes from ``sdar_architecture.json`` next to the
+checkpoint (written by convert_hf_to_mcore.py and kept by training runs that ``--save`` there).
+Tensors are read one parameter at a time and written in safetensors shards with an index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import warnings
+
+warnings.filterwarnings("ignore", category=UserWarning)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+HF_CLASSES = {"qwen3": ("Qwen3ForCausalLM", "qwen3"), "llama": ("LlamaForCausalLM", "llama")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--load", required=True, help="Megatron checkpoint directory (with the iteration tracker)")
+    p.add_argument("--save", required=True)
+    p.add_argument("--format", choices=["sdar", "ar"], default="sdar")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--iteration", default=None, help="iteration to convert (default: the latest)")
+    p.add_argument("--architecture", default=None, help="sdar_architecture.json (default: next to --load)")
+    p.add_argument(
+        "--tokenizer-dir", default=None, help="tokenizer files to copy (default: --load/tokenizer)"
+    )
+    p.add_argument(
+        "--block-size", type=int, default=None, help="SDAR block size (overrides the recorded one)"
+    )
+    p.add_argument("--mask-token-id", type=int, default=None, help="overrides the recorded mask token id")
+    p.add_argument("--max-shard-size-mb", type=int, default=2048)
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def checkpoint_dir(load: str, iteration: str | None) -> str:
+    tracker = os.path.join(load, "latest_checkpointed_iteration.txt")
+    if iteration is None:
+        if not os.path.isfile(tracker):
+            raise SystemExit(f"error: {tracker} not found: --load must be a Megatron checkpoint directory")
+        iteration = open(tracker).read().strip()
+    name = "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+    path = os.path.join(load, name)
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise SystemExit(f"error: {path} is not a torch_dist checkpoint (no metadata.json)")
+    return path
+
+
+def hf_config(arch, fmt: str) -> dict:
+    cls, model_type = HF_CLASSES[arch.family]
+    config = {
+        "architectures": [cls],
+        "model_type": model_type,
+        "hidden_size": arch.hidden_size,
+        "intermediate_size": arch.ffn_hidden_size,
+        "num_hidden_layers": arch.num_layers,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_key_value_heads": arch.num_query_groups,
+        "head_dim": arch.kv_channels,
+        "vocab_size": arch.vocab_size,
+        "max_position_embeddings": arch.max_position_embeddings,
+        "rms_norm_eps": arch.norm_epsilon,
+        "rope_theta": arch.rotary_base,
+        "tie_word_embeddings": arch.tied_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "torch_dtype": "bfloat16",
+    }
+    if fmt == "sdar":
+        if arch.mask_token_id is None or arch.block_size is None:
+            raise SystemExit("error: --format sdar needs the mask token id and block size (record them at "
+                             "conversion or pass --mask-token-id and --block-size)")  # fmt: skip
+        config.update(
+            architectures=["SDARForCausalLM"], model_type="sdar", base_model_type=model_type,
+            block_size=arch.block_size, mask_token_id=arch.mask_token_id,
+        )  # fmt: skip
+    return config
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    import torch
+    from safetensors.torch import save_file
+
+    from megatron_sdar.checkpointing import checkpoint_layout, read_parameter
+    from megatron_sdar.config import SDARConfig
+    from megatron_sdar.conversion import AttentionShape, hf_params_from_mcore
+    from megatron_sdar.hf_checkpoint import Architecture
+    from megatron_sdar.model import build_sdar_model, qwen3_transformer_config
+    from megatron_sdar.parallel import ensure_single_process_world
+
+    ckpt = checkpoint_dir(args.load, args.iteration)
+    arch_path = args.architecture or os.path.join(args.load, "sdar_architecture.json")
+    if not os.path.isfile(arch_path):
+        raise SystemExit(f"error: {arch_path} not found; pass --architecture")
+    with open(arch_path) as f:
+        arch = Architecture(**json.load(f)["architecture"])
+    arch.block_size = args.block_size or arch.block_size
+    arch.mask_token_id = args.mask_token_id if args.mask_token_id is not None else arch.mask_token_id
+    config_json = hf_config(arch, args.format)
+    if os.path.exists(args.save) and os.listdir(args.save) and not args.overwrite:
+        raise SystemExit(f"error: {args.save} is not empty; pass --overwrite to replace it")
+
+    ensure_single_process_world()
+    config = qwen3_transformer_config(
+        num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads, num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels, layernorm_epsilon=arch.norm_epsilon, qk_layernorm=arch.qk_layernorm,
+        use_cpu_initialization=True, perform_initialization=False,
+    )  # fmt: skip
+    with torch.device("meta"):
+        meta = build_sdar_model(
+            config, SDARConfig(), vocab_size=arch.padded_vocab_size,
+            max_sequence_length=arch.max_position_embeddings,
+            share_embeddings_and_output_weights=arch.tied_embeddings, rotary_base=arch.rotary_base,
+        )  # fmt: skip
+    layout = checkpoint_layout(meta)
+    by_param: dict[str, list] = {}
+    for chunk in layout.chunks:
+        by_param.setdefault(chunk.param, []).append(chunk)
+    shapes = {n: tuple(p.shape) for n, p in meta.named_parameters()}
+    shape = AttentionShape(arch.num_attention_heads, arch.num_query_groups, arch.kv_channels)
+    dtype = getattr(torch, DTYPES[args.dtype])
+
+    tmp = args.save.rstrip("/") + f".tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes, files = 0, []
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        if shard:
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+            files.append(name)
+            weight_map.update({k: name for k in shard})
+            shard, shard_bytes = {}, 0
+
+    try:
+        for param, chunks in by_param.items():
+            loaded = read_parameter(ckpt, chunks, shapes[param], chunks[0].dtype)
+            if param in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                loaded = loaded[: arch.vocab_size]
+            for name, tensor in hf_params_from_mcore(param, loaded, shape).items():
+                shard[name] = tensor.to(dtype).contiguous()
+                shard_bytes += tensor.numel() * tensor.element_size()
+            if shard_bytes >= args.max_shard_size_mb * 2**20:
+                flush()
+        flush()
+        if len(files) > 1:
+            total = sum(os.path.getsize(os.path.join(tmp, f)) for f in files)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2)
+        else:
+            os.replace(os.path.join(tmp, files[0]), os.path.join(tmp, "model.safetensors"))
+        config_json["torch_dtype"] = DTYPES[args.dtype]
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config_json, f, indent=2)
+        tokenizer_dir = args.tokenizer_dir or os.path.join(args.load, "tokenizer")
+        if os.path.isdir(tokenizer_dir):
+            for name in os.listdir(tokenizer_dir):
+                shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
+        if os.path.exists(args.save):
+            shutil.rmtree(args.save)
+        os.replace(tmp, args.save)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {args.save} ({len(weight_map)} tensors, {args.format}, {args.dtype})")
+    return {"path": args.save, "config": config_json}
+
+
+if __name__ == "__main__":
+    main()
