@@ -52,6 +52,7 @@ def main() -> None:
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
+    from megatron_sdar.hf_checkpoint import check_checkpoint_architecture
     from megatron_sdar.training import (
         forward_step,
         model_provider,
@@ -67,6 +68,8 @@ def main() -> None:
     if isinstance(pad, int) and pad >= 0 and pad != tokenizer.eod:
         special["padding"] = pad
     validate_sdar_args(args, vocab_size=args.padded_vocab_size, special_tokens=special)
+    for checkpoint in (args.load, getattr(args, "pretrained_checkpoint", None)):
+        check_checkpoint_architecture(checkpoint, args)
     pretrain(
         pretrain_cfg_container_from_args(args, None),
         train_valid_test_datasets_provider,

@@ -156,3 +156,58 @@ class SafetensorsReader:
             return self._open[shard].get_tensor(name)
         except Exception as err:
             raise ValueError(f"cannot read {name} from {shard}: {err}") from err
+
+
+ARCHITECTURE_FILE = "sdar_architecture.json"
+
+
+def architecture_mismatches(arch: Architecture, args: Any) -> list[str]:
+    """Fields where Megatron's parsed ``args`` disagree with a checkpoint's recorded architecture."""
+    groups = (
+        args.num_query_groups if getattr(args, "group_query_attention", False) else args.num_attention_heads
+    )
+    kv_channels = args.kv_channels or args.hidden_size // args.num_attention_heads
+    pairs = {
+        "--num-layers": (arch.num_layers, args.num_layers),
+        "--hidden-size": (arch.hidden_size, args.hidden_size),
+        "--ffn-hidden-size": (arch.ffn_hidden_size, args.ffn_hidden_size),
+        "--num-attention-heads": (arch.num_attention_heads, args.num_attention_heads),
+        "--num-query-groups": (arch.num_query_groups, groups),
+        "--kv-channels": (arch.kv_channels, kv_channels),
+        "--qk-layernorm": (arch.qk_layernorm, bool(args.qk_layernorm)),
+        "--untie-embeddings-and-output-weights": (
+            not arch.tied_embeddings,
+            bool(args.untie_embeddings_and_output_weights),
+        ),
+        "--rotary-base": (int(arch.rotary_base), int(args.rotary_base)),
+        "--norm-epsilon": (arch.norm_epsilon, args.layernorm_epsilon),
+        "--swiglu": (True, bool(args.swiglu)),
+        "--normalization": ("RMSNorm", args.normalization),
+    }
+    if getattr(args, "padded_vocab_size", None) is not None:
+        pairs["padded vocabulary (tokenizer, --make-vocab-size-divisible-by, TP)"] = (
+            arch.padded_vocab_size,
+            args.padded_vocab_size,
+        )
+    return [
+        f"{flag}: checkpoint has {ckpt}, flags give {given}"
+        for flag, (ckpt, given) in pairs.items()
+        if ckpt != given
+    ]
+
+
+def check_checkpoint_architecture(checkpoint_dir: str | None, args: Any) -> None:
+    """Refuse to start from a converted checkpoint whose architecture disagrees with the flags."""
+    if not checkpoint_dir:
+        return
+    path = os.path.join(checkpoint_dir, ARCHITECTURE_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        arch = Architecture(**json.load(f)["architecture"])
+    problems = architecture_mismatches(arch, args)
+    if problems:
+        raise ValueError(
+            f"the checkpoint in {checkpoint_dir} was converted for a different architecture; use the flags "
+            f"in {path} ('megatron_args'):\n  - " + "\n  - ".join(problems)
+        )

@@ -208,3 +208,24 @@ def test_round_trip_back_to_hf(hf_dir, tmp_path):
         convert_mcore_to_hf.main(
             ["--load", str(ckpt), "--save", str(sdar), "--mask-token-id", "95", "--block-size", "4"]
         )
+
+
+def test_training_refuses_a_checkpoint_of_another_architecture(hf_dir, tmp_path, monkeypatch):
+    from megatron.training.arguments import parse_args
+
+    import pretrain_sdar
+    from megatron_sdar.hf_checkpoint import check_checkpoint_architecture
+
+    src, _, arch, tied = hf_dir
+    ckpt = tmp_path / "ckpt"
+    convert_hf_to_mcore.main(["--hf-dir", str(src), "--save", str(ckpt)])
+    flags = json.loads((ckpt / "sdar_architecture.json").read_text())["megatron_args"]
+    monkeypatch.setattr(sys, "argv", ["pretrain_sdar.py", *flags])
+    args = parse_args(pretrain_sdar._extra_args)
+    args.padded_vocab_size = 128
+    check_checkpoint_architecture(str(ckpt), args)  # the recorded flags match
+    args.ffn_hidden_size = FFN * 2
+    args.num_query_groups = 1
+    with pytest.raises(ValueError, match="--ffn-hidden-size: checkpoint has 128, flags give 256") as err:
+        check_checkpoint_architecture(str(ckpt), args)
+    assert "--num-query-groups" in str(err.value)

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     from megatron_sdar.checkpointing import checkpoint_layout, save_torch_dist
     from megatron_sdar.config import SDARConfig
     from megatron_sdar.conversion import AttentionShape, mcore_names_for_hf, mcore_param_from_hf
-    from megatron_sdar.hf_checkpoint import SafetensorsReader, read_architecture
+    from megatron_sdar.hf_checkpoint import ARCHITECTURE_FILE, SafetensorsReader, read_architecture
     from megatron_sdar.model import build_sdar_model, qwen3_transformer_config
     from megatron_sdar.parallel import ensure_single_process_world
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         path = save_torch_dist(args.save, layout, fetch, common, dtype=dtype, overwrite=args.overwrite)
     except FileExistsError as err:
         raise SystemExit(f"error: {err}") from None
-    with open(os.path.join(args.save, "sdar_architecture.json"), "w") as f:
+    with open(os.path.join(args.save, ARCHITECTURE_FILE), "w") as f:
         json.dump(arch.to_json(), f, indent=2)
     copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(args.hf_dir, n))]
     if copied:
