@@ -211,3 +211,27 @@ def check_checkpoint_architecture(checkpoint_dir: str | None, args: Any) -> None
             f"the checkpoint in {checkpoint_dir} was converted for a different architecture; use the flags "
             f"in {path} ('megatron_args'):\n  - " + "\n  - ".join(problems)
         )
+
+
+def meta_model(arch: Architecture) -> Any:
+    """The SDAR model for ``arch`` at TP=PP=1 on the ``meta`` device: parameter names, shapes and
+    Megatron's checkpoint layout without allocating weights."""
+    import torch
+
+    from megatron_sdar.config import SDARConfig
+    from megatron_sdar.model import build_sdar_model, qwen3_transformer_config
+    from megatron_sdar.parallel import ensure_single_process_world
+
+    ensure_single_process_world()
+    config = qwen3_transformer_config(
+        num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads, num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels, layernorm_epsilon=arch.norm_epsilon, qk_layernorm=arch.qk_layernorm,
+        use_cpu_initialization=True, perform_initialization=False,
+    )  # fmt: skip
+    with torch.device("meta"):
+        return build_sdar_model(
+            config, SDARConfig(), vocab_size=arch.padded_vocab_size,
+            max_sequence_length=arch.max_position_embeddings,
+            share_embeddings_and_output_weights=arch.tied_embeddings, rotary_base=arch.rotary_base,
+        )  # fmt: skip

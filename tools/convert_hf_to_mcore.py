@@ -101,11 +101,13 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from megatron_sdar.checkpointing import checkpoint_layout, save_torch_dist
-    from megatron_sdar.config import SDARConfig
     from megatron_sdar.conversion import AttentionShape, mcore_names_for_hf, mcore_param_from_hf
-    from megatron_sdar.hf_checkpoint import ARCHITECTURE_FILE, SafetensorsReader, read_architecture
-    from megatron_sdar.model import build_sdar_model, qwen3_transformer_config
-    from megatron_sdar.parallel import ensure_single_process_world
+    from megatron_sdar.hf_checkpoint import (
+        ARCHITECTURE_FILE,
+        SafetensorsReader,
+        meta_model,
+        read_architecture,
+    )
 
     try:
         arch = read_architecture(
@@ -124,19 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     shape = AttentionShape(arch.num_attention_heads, arch.num_query_groups, arch.kv_channels)
     wanted = set(mcore_names_for_hf(reader.names(), arch.num_layers, arch.tied_embeddings))
 
-    ensure_single_process_world()
-    config = qwen3_transformer_config(
-        num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
-        num_attention_heads=arch.num_attention_heads, num_query_groups=arch.num_query_groups,
-        kv_channels=arch.kv_channels, layernorm_epsilon=arch.norm_epsilon, qk_layernorm=arch.qk_layernorm,
-        use_cpu_initialization=True, perform_initialization=False,
-    )  # fmt: skip
-    with torch.device("meta"):
-        meta = build_sdar_model(
-            config, SDARConfig(), vocab_size=arch.padded_vocab_size,
-            max_sequence_length=arch.max_position_embeddings,
-            share_embeddings_and_output_weights=arch.tied_embeddings, rotary_base=arch.rotary_base,
-        )  # fmt: skip
+    meta = meta_model(arch)
     layout = checkpoint_layout(meta)
     params = {c.param for c in layout.chunks}
     if params != wanted:

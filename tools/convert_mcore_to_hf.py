@@ -98,11 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     from safetensors.torch import save_file
 
     from megatron_sdar.checkpointing import checkpoint_layout, read_parameter
-    from megatron_sdar.config import SDARConfig
     from megatron_sdar.conversion import AttentionShape, hf_params_from_mcore
-    from megatron_sdar.hf_checkpoint import Architecture
-    from megatron_sdar.model import build_sdar_model, qwen3_transformer_config
-    from megatron_sdar.parallel import ensure_single_process_world
+    from megatron_sdar.hf_checkpoint import Architecture, meta_model
 
     ckpt = checkpoint_dir(args.load, args.iteration)
     arch_path = args.architecture or os.path.join(args.load, "sdar_architecture.json")
@@ -116,19 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     if os.path.exists(args.save) and os.listdir(args.save) and not args.overwrite:
         raise SystemExit(f"error: {args.save} is not empty; pass --overwrite to replace it")
 
-    ensure_single_process_world()
-    config = qwen3_transformer_config(
-        num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
-        num_attention_heads=arch.num_attention_heads, num_query_groups=arch.num_query_groups,
-        kv_channels=arch.kv_channels, layernorm_epsilon=arch.norm_epsilon, qk_layernorm=arch.qk_layernorm,
-        use_cpu_initialization=True, perform_initialization=False,
-    )  # fmt: skip
-    with torch.device("meta"):
-        meta = build_sdar_model(
-            config, SDARConfig(), vocab_size=arch.padded_vocab_size,
-            max_sequence_length=arch.max_position_embeddings,
-            share_embeddings_and_output_weights=arch.tied_embeddings, rotary_base=arch.rotary_base,
-        )  # fmt: skip
+    meta = meta_model(arch)
     layout = checkpoint_layout(meta)
     by_param: dict[str, list] = {}
     for chunk in layout.chunks:
