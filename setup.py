@@ -20,7 +20,7 @@ setup(
         "sentencepiece",
     ],
     extras_require={
-        "hf": ["transformers>=4.51", "safetensors"],
+        "hf": ["transformers>=4.51", "safetensors", "gguf", "accelerate"],
         "logging": ["wandb", "tensorboard"],
         "dev": ["pytest", "ruff"],
     },
