@@ -1,14 +1,34 @@
 #!/usr/bin/env python3
-"""SDAR-mask attention vs causal flash attention over the same 2L tokens (target T1), on CUDA.
+"""SDAR-mask attention against causal flash attention over the same 2L tokens (target T1). CUDA only.
 
-    python benchmarks/attention.py                       # L in {2048, 4096, 8192}, B in {4, 16, 64}
-    python benchmarks/attention.py --seq-lengths 4096 --block-sizes 4 --out results.json
-    python benchmarks/attention.py --check               # flex vs dense-SDPA agreement first
+For each clean window length ``L`` and SDAR block size ``B`` the benchmark times one forward plus
+backward pass of
 
-For each (L, B): forward+backward time of ``SDARCoreAttention`` (FlexAttention with the cached
-``BlockMask``) on a packed window against ``scaled_dot_product_attention(is_causal=True)`` over
-2L tokens, bf16, batch 1, Qwen3-1.7B attention shape (16 query / 8 KV heads, head dim 128); the
-time to build the ``BlockMask`` is measured separately. Prints a table and writes JSON.
+* SDAR attention over ``[x_t ; x_0]`` (2L tokens) under the SDAR mask, through the library
+  (``SDARCoreAttention`` with the ``flex`` backend, ``--path library``, the default) or through a
+  compiled ``flex_attention`` fed the library's ``BlockMask`` (``--path direct``);
+* ``scaled_dot_product_attention(is_causal=True)`` over 2L tokens (the flash kernel);
+
+in bf16, batch 1, 16 query heads / 8 KV heads (GQA through ``enable_gqa``), head dim 128 (the
+Qwen3-1.7B attention shape). Each measurement runs warm-up iterations first (which also compile),
+then times ``--iters`` iterations with CUDA events and reports the median. Building the
+``BlockMask`` (compiled) is timed separately, since one mask serves every layer of a micro-batch.
+
+Columns: ``sdar ms`` and ``causal ms`` (forward+backward), ``ratio`` (sdar / causal; T1 asks for
+<= 0.60 at L=4096, B=4), ``mask ms`` (building the ``BlockMask``), ``density`` (allowed entries of
+the 2L x 2L matrix) and ``tiles`` (fraction of 128 x 128 tiles the kernel visits).
+
+Usage::
+
+    python benchmarks/attention.py                                  # L 2048 4096 8192, B 4 16 64
+    python benchmarks/attention.py --seq-lengths 4096 --block-sizes 4 --out t1.json
+    python benchmarks/attention.py --path direct --doc-length 1000  # packed 1000-token documents
+    python benchmarks/attention.py --check                          # flex vs dense-mask SDPA only
+
+``--check`` compares FlexAttention's output and gradients with ``scaled_dot_product_attention``
+under the dense mask of ``megatron_sdar.masks.dense_sdar_mask`` on a small multi-document window
+(bf16, both clean-half variants), prints the largest differences, and exits non-zero when one
+exceeds the tolerance.
 """
 
 from __future__ import annotations
@@ -17,29 +37,125 @@ import argparse
 import json
 import statistics
 import sys
+import time
 import warnings
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-warnings.filterwarnings("ignore")
+
+TILE = 128  # FlexAttention's default BlockMask tile
 
 
-def causal_step(q, k, v) -> None:
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    out.backward(torch.ones_like(out))
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="SDAR-mask attention vs causal SDPA over 2L tokens, forward+backward (CUDA).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--seq-lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="clean window L")
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[4, 16, 64], help="SDAR block sizes B")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=16, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=8, help="key/value heads (GQA)")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument(
+        "--doc-length", type=int, default=0, help="pack documents of this many tokens (0: one per window)"
+    )
+    p.add_argument("--clean-attention", choices=["block_causal", "causal"], default="block_causal")
+    p.add_argument(
+        "--path",
+        choices=["library", "direct"],
+        default="library",
+        help="library: SDARCoreAttention (flex backend); direct: torch.compile(flex_attention)",
+    )
+    p.add_argument("--warmup", type=int, default=5, help="untimed iterations (these also compile)")
+    p.add_argument("--iters", type=int, default=20, help="timed iterations (median reported)")
+    p.add_argument("--check", action="store_true", help="only compare flex with dense-mask SDPA, then exit")
+    p.add_argument("--check-length", type=int, default=1024, help="clean window L for --check")
+    p.add_argument("--check-block-size", type=int, default=4, help="SDAR block size for --check")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=2e-2,
+        help="--check fails when max |flex - sdpa| > tolerance * max |sdpa| for any tensor",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
+    args = p.parse_args(argv)
+    for name in ("seq_lengths", "block_sizes"):
+        if any(v < 1 for v in getattr(args, name)):
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.heads % args.kv_heads != 0:
+        p.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
+    return args
 
 
-def sdar_step(module, q, k, v, layout) -> None:
-    out = module(q, k, v, layout)
-    out.backward(torch.ones_like(out))
+# ---------------------------------------------------------------------------------------------------
+# inputs
 
 
-def cuda_time(fn, warmup: int, iters: int) -> float:
-    """Median milliseconds of ``fn()`` measured with CUDA events."""
+def doc_lengths(seq_len: int, doc_length: int) -> list[int]:
+    """Documents of ``doc_length`` tokens filling ``seq_len`` (the last one shorter); one if 0."""
+    if doc_length <= 0 or doc_length >= seq_len:
+        return [seq_len]
+    return [doc_length] * (seq_len // doc_length) + ([seq_len % doc_length] if seq_len % doc_length else [])
+
+
+def make_layout(batch: int, lengths: list[int], block_size: int, device) -> torch.Tensor:
+    """The ``[batch, 2, L]`` layout of a packed window (blocks counted per document)."""
+    from megatron_sdar.masks import document_ids_from_lengths
+    from megatron_sdar.masks import make_layout as layout_of
+
+    doc_ids = document_ids_from_lengths(lengths, device=device).unsqueeze(0).expand(batch, -1)
+    return layout_of(doc_ids.contiguous(), block_size, "document")
+
+
+def random_qkv(args, seq2: int, device, dtype=torch.bfloat16, seed: int = 0):
+    """Query ``[b, h, 2L, d]``, key/value ``[b, kv, 2L, d]`` and an output gradient, leaf tensors."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(heads: int) -> torch.Tensor:
+        shape = (args.batch, heads, seq2, args.head_dim)
+        return torch.randn(shape, device=device, dtype=dtype, generator=gen)
+
+    q, k, v, grad = randn(args.heads), randn(args.kv_heads), randn(args.kv_heads), randn(args.heads)
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), grad
+
+
+def mask_density(layout: torch.Tensor, clean_attention: str, rows: int = 1024) -> float:
+    """Fraction of allowed entries of the ``[2L, 2L]`` SDAR mask, counted in slabs of query rows."""
+    from megatron_sdar.masks import LAYOUT_BLOCK, LAYOUT_DOC, CleanAttention, sdar_mask_rule
+
+    seq_len = layout.shape[-1]
+    doc2 = layout[:, LAYOUT_DOC].repeat(1, 2)
+    blk2 = layout[:, LAYOUT_BLOCK].repeat(1, 2)
+    idx = torch.arange(2 * seq_len, device=layout.device)
+    allowed = 0
+    for lo in range(0, 2 * seq_len, rows):
+        q = slice(lo, min(lo + rows, 2 * seq_len))
+        allowed += int(
+            sdar_mask_rule(
+                idx[q, None], idx[None, :], doc2[:, q, None], doc2[:, None, :], blk2[:, q, None],
+                blk2[:, None, :], seq_len, CleanAttention(clean_attention),
+            ).sum()
+        )  # fmt: skip
+    return allowed / (layout.shape[0] * (2 * seq_len) ** 2)
+
+
+def tile_density(block_mask) -> float:
+    """Fraction of ``TILE x TILE`` tiles the kernel visits (partial or full)."""
+    return 1.0 - block_mask.sparsity() / 100.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# timing
+
+
+def cuda_time(fn: Callable[[], object], warmup: int, iters: int) -> float:
+    """Median milliseconds of ``fn()`` over ``iters`` runs, measured with CUDA events after warm-up."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -54,107 +170,223 @@ def cuda_time(fn, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def make_layout(seq: int, block: int, doc_len: int, device) -> torch.Tensor:
-    from megatron_sdar.masks import document_ids_from_lengths
-    from megatron_sdar.masks import make_layout as layout_of
+def wall_time(fn: Callable[[], object], warmup: int, iters: int) -> float:
+    """Median wall-clock milliseconds of ``fn()`` (host work included), synchronised."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
 
-    lengths = [doc_len] * (seq // doc_len) + ([seq % doc_len] if seq % doc_len else [])
-    return layout_of(document_ids_from_lengths(lengths, device=device).unsqueeze(0), block, "document")
+
+def fwd_bwd(attend: Callable, q, k, v, grad) -> Callable[[], object]:
+    """One forward and backward pass; gradients are returned, not accumulated into ``.grad``."""
+
+    def step():
+        out = attend(q, k, v)
+        return torch.autograd.grad(out, (q, k, v), grad)
+
+    return step
 
 
-def attention_module(backend: str, heads: int, groups: int, head_dim: int):
+def causal_attention(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def library_attention(args, clean_attention: str, layout: torch.Tensor):
+    """``SDARCoreAttention`` (flex backend) as Megatron calls it: ``[s, b, h, d]`` in, ``[s, b, h*d]``
+    out, with the mask built once per layout by its cache."""
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_sdar.attention import SDARCoreAttention, SDARMaskCache
     from megatron_sdar.model import qwen3_transformer_config
 
     config = qwen3_transformer_config(
-        num_layers=1, hidden_size=heads * head_dim, num_attention_heads=heads, num_query_groups=groups,
-        kv_channels=head_dim,
+        num_layers=1,
+        hidden_size=args.heads * args.head_dim,
+        num_attention_heads=args.heads,
+        num_query_groups=args.kv_heads,
+        kv_channels=args.head_dim,
+    )
+    module = SDARCoreAttention(
+        config, 1, AttnMaskType.arbitrary, "self", clean_attention=clean_attention, backend="flex",
+        mask_cache=SDARMaskCache(),
     )  # fmt: skip
-    return SDARCoreAttention(
-        config, 1, AttnMaskType.arbitrary, "self", backend=backend, mask_cache=SDARMaskCache()
-    )
+    return lambda q, k, v: module(q, k, v, layout)
 
 
-def qkv(seq2: int, heads: int, groups: int, head_dim: int, device, seed: int = 0):
-    gen = torch.Generator(device=device).manual_seed(seed)
-    shape_q, shape_kv = (seq2, 1, heads, head_dim), (seq2, 1, groups, head_dim)
-    q = torch.randn(shape_q, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
-    k = torch.randn(shape_kv, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
-    v = torch.randn(shape_kv, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
-    return q, k, v
+def to_sbhd(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """``[b, h, s, d]`` leaf tensors as contiguous ``[s, b, h, d]`` leaf tensors (Megatron's layout)."""
+    return [t.detach().permute(2, 0, 1, 3).contiguous().requires_grad_(t.requires_grad) for t in tensors]
 
 
-def check(args) -> dict:
-    """Flex vs dense-mask SDPA outputs and gradients on a multi-document layout (bf16)."""
-    results = {}
-    for clean in ("block_causal", "causal"):
-        layout = make_layout(1024, 4, 300, "cuda")
-        outs = {}
-        for backend in ("flex", "sdpa"):
-            module = attention_module(backend, args.heads, args.kv_heads, args.head_dim)
-            module.clean_attention = type(module.clean_attention)(clean)
-            q, k, v = qkv(2048, args.heads, args.kv_heads, args.head_dim, "cuda")
-            out = module(q, k, v, layout)
-            out.float().pow(2).sum().backward()
-            outs[backend] = (out.float(), q.grad.float(), k.grad.float(), v.grad.float())
-        diffs = {
-            name: ((a - b).abs().max() / (b.abs().max() + 1e-6)).item()
-            for name, a, b in zip(("out", "dq", "dk", "dv"), outs["flex"], outs["sdpa"])
-        }
-        results[clean] = diffs
-        print(
-            f"check {clean}: max relative diff flex vs sdpa "
-            + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
-        )
-    return results
+def library_bhsd(args, clean_attention: str, layout: torch.Tensor) -> Callable:
+    """The library path taking and returning ``[b, h, s, d]`` tensors (for comparisons only)."""
+    attend = library_attention(args, clean_attention, layout)
+
+    def wrapped(q, k, v):
+        out = attend(*(t.permute(2, 0, 1, 3) for t in (q, k, v)))  # [s, b, h*d]
+        return out.view(out.shape[0], out.shape[1], q.shape[1], -1).permute(1, 2, 0, 3)
+
+    return wrapped
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seq-lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="clean window L")
-    p.add_argument("--block-sizes", type=int, nargs="+", default=[4, 16, 64])
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument(
-        "--doc-length", type=int, default=0, help="pack documents of this length (0: one document)"
-    )
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--check", action="store_true", help="compare flex and dense SDPA first")
-    p.add_argument("--out", default=None, help="write results as JSON here")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU (FlexAttention kernels are compiled for it)")
+_compiled_flex = None
 
+
+def direct_attention(block_mask) -> Callable:
+    """``torch.compile(flex_attention)`` on ``[b, h, s, d]`` tensors with the given ``BlockMask``."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    flex = _compiled_flex
+
+    def attend(q, k, v):
+        return flex(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+    return attend
+
+
+def benchmark(args) -> list[dict]:
     from megatron_sdar.masks import build_block_mask
 
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
-    if args.check:
-        results["check"] = check(args)
-    print(f"{'L':>6} {'B':>4} {'sdar ms':>9} {'causal ms':>10} {'ratio':>7} {'mask ms':>8} {'density':>8}")
-    for seq in args.seq_lengths:
-        q, k, v = qkv(2 * seq, args.heads, args.kv_heads, args.head_dim, "cuda")
-        qc, kc, vc = (t.detach().permute(1, 2, 0, 3).contiguous().requires_grad_() for t in (q, k, v))
-        causal_ms = cuda_time(partial(causal_step, qc, kc, vc), args.warmup, args.iters)
+    rows = []
+    header = (
+        f"{'L':>6} {'B':>4} {'sdar ms':>9} {'causal ms':>10} {'ratio':>7} {'mask ms':>8} "
+        f"{'density':>8} {'tiles':>7}"
+    )
+    print(f"path={args.path} clean={args.clean_attention} batch={args.batch} heads={args.heads}/"
+          f"{args.kv_heads} head_dim={args.head_dim} doc_length={args.doc_length or 'L'} bf16")  # fmt: skip
+    print(header)
+    print("-" * len(header))
+    for seq_len in args.seq_lengths:
+        q, k, v, grad = random_qkv(args, 2 * seq_len, "cuda", seed=args.seed)
+        causal_ms = cuda_time(fwd_bwd(causal_attention, q, k, v, grad), args.warmup, args.iters)
         for block in args.block_sizes:
-            layout = make_layout(seq, block, args.doc_length or seq, "cuda")
-            module = attention_module("flex", args.heads, args.kv_heads, args.head_dim)
-            sdar_ms = cuda_time(partial(sdar_step, module, q, k, v, layout), args.warmup, args.iters)
-            build = partial(build_block_mask, layout, "block_causal", compile=True)
-            mask_ms = cuda_time(build, 2, 5)  # the warm-up compiles it
-            density = (seq * seq + seq * block) / (2 * seq) ** 2 if not args.doc_length else float("nan")
-            row = dict(L=seq, B=block, sdar_ms=sdar_ms, causal_ms=causal_ms, ratio=sdar_ms / causal_ms,
-                       mask_ms=mask_ms, density=density)  # fmt: skip
-            results["rows"].append(row)
-            print(f"{seq:>6} {block:>4} {sdar_ms:>9.3f} {causal_ms:>10.3f} {sdar_ms / causal_ms:>7.3f} "
-                  f"{mask_ms:>8.3f} {density:>8.3f}")  # fmt: skip
+            if seq_len % block:
+                print(f"{seq_len:>6} {block:>4}  skipped: L is not a multiple of B")
+                continue
+            layout = make_layout(args.batch, doc_lengths(seq_len, args.doc_length), block, "cuda")
+
+            def build(layout=layout):
+                return build_block_mask(layout, args.clean_attention, compile=True)
+
+            mask_ms = wall_time(build, warmup=2, iters=max(5, args.iters // 2))  # warm-up compiles
+            block_mask = build()
+            if args.path == "library":
+                attend = library_attention(args, args.clean_attention, layout)
+                inputs = (*to_sbhd(q, k, v), grad.permute(2, 0, 1, 3).reshape(2 * seq_len, args.batch, -1))
+            else:
+                attend, inputs = direct_attention(block_mask), (q, k, v, grad)
+            sdar_ms = cuda_time(fwd_bwd(attend, *inputs), args.warmup, args.iters)
+            del inputs
+            row = dict(
+                L=seq_len,
+                B=block,
+                sdar_ms=sdar_ms,
+                causal_ms=causal_ms,
+                ratio=sdar_ms / causal_ms,
+                mask_ms=mask_ms,
+                density=mask_density(layout, args.clean_attention),
+                tile_density=tile_density(block_mask),
+            )
+            rows.append(row)
+            print(
+                f"{seq_len:>6} {block:>4} {sdar_ms:>9.3f} {causal_ms:>10.3f} {row['ratio']:>7.3f} "
+                f"{mask_ms:>8.3f} {row['density']:>8.3f} {row['tile_density']:>7.3f}"
+            )
+        del q, k, v, grad
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# correctness
+
+
+def check(args) -> tuple[dict, bool]:
+    """Flex (library and direct) vs dense-mask SDPA, output and input gradients, bf16."""
+    from megatron_sdar.masks import build_block_mask, dense_sdar_mask
+
+    seq_len, block = args.check_length, args.check_block_size
+    if seq_len % block:
+        raise SystemExit(f"--check-length {seq_len} is not a multiple of --check-block-size {block}")
+    # Uneven documents (block boundaries and 128-token tiles fall inside documents) and a short tail.
+    lengths = [n for n in (seq_len * 3 // 10, seq_len // 5 + 3, seq_len // 3 + 1) if n > 0]
+    lengths.append(seq_len - sum(lengths))
+    lengths = [n for n in lengths if n > 0]
+    layout = make_layout(args.batch, lengths, block, "cuda")
+    q, k, v, grad = random_qkv(args, 2 * seq_len, "cuda", seed=args.seed)
+    names = ("out", "dq", "dk", "dv")
+    results, ok = {}, True
+    print(f"check: L={seq_len} B={block} documents={lengths} bf16, tolerance {args.tolerance} x max|sdpa|")
+    for clean in ("block_causal", "causal"):
+        dense = dense_sdar_mask(layout, clean)
+
+        def sdpa(q, k, v, dense=dense):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
+
+        reference = [sdpa(q, k, v).detach(), *fwd_bwd(sdpa, q, k, v, grad)()]
+        candidates = {
+            "library": library_bhsd(args, clean, layout),
+            "direct": direct_attention(build_block_mask(layout, clean, compile=True)),
+        }
+        for path, attend in candidates.items():
+            got = [attend(q, k, v).detach(), *fwd_bwd(attend, q, k, v, grad)()]
+            diffs = {}
+            for name, a, b in zip(names, got, reference):
+                abs_diff = (a.float() - b.float()).abs().max().item()
+                scale = b.float().abs().max().item()
+                diffs[name] = dict(max_abs_diff=abs_diff, max_abs_ref=scale)
+                ok &= abs_diff <= args.tolerance * scale
+            results[f"{clean}/{path}"] = diffs
+            shown = [
+                f"{n} {d['max_abs_diff']:.3e} (max|ref| {d['max_abs_ref']:.2f})" for n, d in diffs.items()
+            ]
+            print(f"  {clean:>12} {path:>7}: max |flex - sdpa|: " + ", ".join(shown))
+    print("check passed" if ok else "check FAILED")
+    return results, ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print(
+            "attention.py needs a CUDA GPU: it times compiled FlexAttention and flash-attention "
+            "kernels, which do not run on CPU. Nothing was measured.",
+            file=sys.stderr,
+        )
+        return 2
+    warnings.filterwarnings("ignore")
+    # Every (L, B) pair compiles its own kernels; keep Dynamo from falling back to eager mode.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, 1024
+    )
+    results: dict = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    status = 0
+    if args.check:
+        results["check"], ok = check(args)
+        status = 0 if ok else 1
+    else:
+        results["rows"] = benchmark(args)
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
-    return results
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
+    return status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
