@@ -32,11 +32,14 @@ ATTENTION_BACKENDS = ("auto", "flex", "sdpa")
 
 
 class SDARMaskCache:
-    """Masks derived from layout tensors, keyed on the layout tensor's identity.
+    """Masks derived from layout tensors, keyed on the layout's memory and version.
 
-    Every layer receives the very same layout tensor object for a micro-batch, so an identity
-    lookup finds the mask the first layer built. A few entries are kept for pipeline schedules that
-    interleave micro-batches. Entries hold a reference to their layout, so identities stay valid.
+    Every layer receives the same layout tensor for a micro-batch, and an activation-recompute
+    replay receives a detached alias of it (same storage, same version counter), so a key made of
+    storage address, offset, shape, strides and version finds the mask the first layer built in
+    both cases. An in-place change bumps the version and forces a rebuild. Entries hold a reference
+    to their layout, so a cached storage address cannot be reused by another tensor. A few entries
+    are kept for pipeline schedules that interleave micro-batches.
     """
 
     def __init__(self, max_entries: int = 8) -> None:
@@ -44,10 +47,24 @@ class SDARMaskCache:
         self._entries: OrderedDict[tuple, tuple[torch.Tensor, Any]] = OrderedDict()
         self.builds = 0  # number of masks built; tests use it to check sharing
 
+    @staticmethod
+    def _key(layout: torch.Tensor, clean_attention: CleanAttention, backend: str) -> tuple:
+        return (
+            layout.device,
+            layout.untyped_storage().data_ptr(),
+            layout.storage_offset(),
+            tuple(layout.shape),
+            layout.stride(),
+            layout.dtype,
+            layout._version,
+            clean_attention,
+            backend,
+        )
+
     def get(self, layout: torch.Tensor, clean_attention: CleanAttention, backend: str) -> Any:
-        key = (id(layout), layout._version, clean_attention, backend)
+        key = self._key(layout, clean_attention, backend)
         entry = self._entries.get(key)
-        if entry is not None and entry[0] is layout:
+        if entry is not None:
             self._entries.move_to_end(key)
             return entry[1]
         with torch.no_grad():

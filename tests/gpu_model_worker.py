@@ -21,6 +21,7 @@ def main() -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+    from megatron_sdar.attention import MASK_CACHE
     from megatron_sdar.batch import build_sdar_batch
     from megatron_sdar.config import SDARConfig
     from megatron_sdar.loss import sdar_loss
@@ -54,16 +55,17 @@ def main() -> None:
         batch = build_sdar_batch(
             tokens, doc_ids, eligible, sdar, torch.Generator(device="cuda").manual_seed(1)
         )
+        builds = MASK_CACHE.builds
         out = model(batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels)
         loss_sum, count, _ = sdar_loss(out, batch)
         (loss_sum / count).backward()
         grads = {n: p.grad.float().clone() for n, p in model.named_parameters()}
-        return float(loss_sum / count), grads
+        return float(loss_sum / count), grads, MASK_CACHE.builds - builds
 
     def compare(a, b) -> dict:
         loss_diff = abs(a[0] - b[0])
         rel = max(((a[1][n] - b[1][n]).norm() / (b[1][n].norm() + 1e-12)).item() for n in a[1])
-        return {"loss_diff": loss_diff, "max_rel_grad_diff": rel}
+        return {"loss_diff": loss_diff, "max_rel_grad_diff": rel, "mask_builds": a[2]}
 
     base = run("flex", {})
     result = {

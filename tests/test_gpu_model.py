@@ -36,3 +36,4 @@ def test_flex_sdpa_and_recompute_agree():
     for key in ("full_recompute", "selective_recompute"):
         assert result[key]["loss_diff"] < 1e-6, result
         assert result[key]["max_rel_grad_diff"] < 1e-2, result
+        assert result[key]["mask_builds"] == 1, result  # the replay reuses the forward's mask

@@ -175,3 +175,25 @@ def test_wrong_inputs_fail_clearly(model):
     short_layout = make_layout(doc_ids[:, : L // 2], B, "document")
     with pytest.raises(ValueError, match="layout describes"):
         model(torch.cat([noised, clean], -1), pos, short_layout)
+
+
+def test_mask_cache_hits_detached_aliases_and_rebuilds_after_changes():
+    """Activation recompute replays a layer with a detached alias of the layout: it must reuse the
+    mask; a copy with equal values is another micro-batch's layout and an in-place edit changes it."""
+    from megatron_sdar.attention import SDARMaskCache
+    from megatron_sdar.masks import CleanAttention
+
+    _, _, doc_ids, _ = setup()
+    layout = make_layout(doc_ids, B, "document")
+    cache = SDARMaskCache()
+    first = cache.get(layout, CleanAttention.BLOCK_CAUSAL, "sdpa")
+    assert cache.get(layout.detach(), CleanAttention.BLOCK_CAUSAL, "sdpa") is first
+    assert cache.builds == 1
+    cache.get(layout.clone(), CleanAttention.BLOCK_CAUSAL, "sdpa")
+    assert cache.builds == 2
+    cache.get(layout, CleanAttention.CAUSAL, "sdpa")
+    assert cache.builds == 3
+    layout[0, 0, :] = 0  # one document now: the mask must change
+    changed = cache.get(layout, CleanAttention.BLOCK_CAUSAL, "sdpa")
+    assert cache.builds == 4
+    assert not torch.equal(changed, first)
