@@ -43,6 +43,8 @@ class Architecture:
             "--norm-epsilon", repr(self.norm_epsilon), "--swiglu", "--disable-bias-linear",
             "--position-embedding-type", "rope", "--rotary-base", str(int(self.rotary_base)),
             "--max-position-embeddings", str(self.max_position_embeddings),
+            # Qwen3 and Llama train without dropout, and SDAR attention has none.
+            "--attention-dropout", "0", "--hidden-dropout", "0",
         ]  # fmt: skip
         if self.qk_layernorm:
             args.append("--qk-layernorm")
@@ -235,3 +237,49 @@ def meta_model(arch: Architecture) -> Any:
             max_sequence_length=arch.max_position_embeddings,
             share_embeddings_and_output_weights=arch.tied_embeddings, rotary_base=arch.rotary_base,
         )  # fmt: skip
+
+
+def architecture_from_megatron_args(args: Any, vocab_size: int | None = None) -> Architecture:
+    """The architecture of a checkpoint written by training, from the Megatron arguments it stores.
+
+    The HF vocabulary size is not among them; it defaults to the padded size (Qwen3's and Llama's
+    vocabularies are already multiples of 128) unless given.
+    """
+    problems = []
+    if getattr(args, "num_experts", None):
+        problems.append("mixture-of-experts export is not implemented")
+    if getattr(args, "normalization", "RMSNorm") != "RMSNorm":
+        problems.append(f"normalization {args.normalization} (only RMSNorm)")
+    if not getattr(args, "swiglu", False):
+        problems.append("MLP without SwiGLU")
+    if getattr(args, "add_bias_linear", False) or getattr(args, "add_qkv_bias", False):
+        problems.append("linear biases")
+    if getattr(args, "position_embedding_type", "rope") != "rope":
+        problems.append(f"position embedding {args.position_embedding_type} (only rope)")
+    if problems:
+        raise ValueError("this checkpoint's model cannot be exported to Qwen3/Llama: " + "; ".join(problems))
+    padded = int(args.padded_vocab_size)
+    if vocab_size is not None and not 0 < vocab_size <= padded:
+        raise ValueError(
+            f"vocabulary size {vocab_size} must be in 1..{padded} (the checkpoint's padded rows)"
+        )
+    heads = int(args.num_attention_heads)
+    groups = int(args.num_query_groups) if getattr(args, "group_query_attention", False) else heads
+    return Architecture(
+        family="qwen3" if getattr(args, "qk_layernorm", False) else "llama",
+        num_layers=int(args.num_layers),
+        hidden_size=int(args.hidden_size),
+        ffn_hidden_size=int(args.ffn_hidden_size),
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=int(args.kv_channels or args.hidden_size // heads),
+        vocab_size=vocab_size or padded,
+        padded_vocab_size=padded,
+        rotary_base=float(args.rotary_base),
+        norm_epsilon=float(args.layernorm_epsilon),
+        qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
+        tied_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
+        max_position_embeddings=int(args.max_position_embeddings),
+        mask_token_id=getattr(args, "sdar_mask_token_id", None),
+        block_size=getattr(args, "sdar_block_size", None),
+    )

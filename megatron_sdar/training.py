@@ -15,6 +15,7 @@ a resumed run draws exactly what an uninterrupted run would have.
 from __future__ import annotations
 
 import argparse
+import os
 from functools import partial
 from typing import Any
 
@@ -107,6 +108,14 @@ def _importable(module: str) -> bool:
     return True
 
 
+def _resumable_checkpoint(args: argparse.Namespace) -> bool:
+    """Whether this run will restore optimizer state from ``--load``."""
+    load = getattr(args, "load", None)
+    if not load or getattr(args, "finetune", False) or getattr(args, "no_load_optim", False):
+        return False
+    return os.path.exists(os.path.join(load, "latest_checkpointed_iteration.txt"))
+
+
 def validate_sdar_args(args: argparse.Namespace, vocab_size: int | None = None, special_tokens=None) -> None:
     """Fail early, saying what to change, on settings SDAR training cannot run with."""
     problems = []
@@ -131,7 +140,19 @@ def validate_sdar_args(args: argparse.Namespace, vocab_size: int | None = None, 
     ):
         problems.append("--transformer-impl local without Apex's CUDA extensions cannot fuse gradient "
                         "accumulation: pass --no-gradient-accumulation-fusion")  # fmt: skip
-    if args.transformer_impl == "transformer_engine" and not _importable("transformer_engine"):
+    have_te = _importable("transformer_engine")
+    if getattr(args, "apply_rope_fusion", False) and not have_te:
+        problems.append("fused RoPE needs Transformer Engine, which is not installed: pass --no-rope-fusion")
+    if (
+        getattr(args, "use_distributed_optimizer", False)
+        and not (have_te or _importable("apex"))
+        and _resumable_checkpoint(args)
+    ):
+        problems.append("megatron-core 0.19.2's distributed optimizer cannot restore its state with "
+                        f"torch's Adam (no Apex or Transformer Engine), and {args.load} holds a checkpoint: "
+                        "run where TE or Apex is installed (NGC containers), drop "
+                        "--use-distributed-optimizer, or pass --no-load-optim")  # fmt: skip
+    if args.transformer_impl == "transformer_engine" and not have_te:
         problems.append("--transformer-impl transformer_engine was asked for but Transformer Engine is not "
                         "installed: install it (NGC PyTorch containers have it) or pass "
                         "--transformer-impl local")  # fmt: skip

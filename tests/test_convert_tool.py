@@ -229,3 +229,27 @@ def test_training_refuses_a_checkpoint_of_another_architecture(hf_dir, tmp_path,
     with pytest.raises(ValueError, match="--ffn-hidden-size: checkpoint has 128, flags give 256") as err:
         check_checkpoint_architecture(str(ckpt), args)
     assert "--num-query-groups" in str(err.value)
+
+
+def test_architecture_from_training_arguments():
+    """A checkpoint written by training is described by the Megatron arguments it stores."""
+    import types
+
+    from megatron_sdar.hf_checkpoint import architecture_from_megatron_args
+
+    args = types.SimpleNamespace(
+        num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, group_query_attention=True,
+        num_query_groups=2, kv_channels=16, padded_vocab_size=768, rotary_base=1e6, layernorm_epsilon=1e-6,
+        qk_layernorm=True, untie_embeddings_and_output_weights=True, max_position_embeddings=64,
+        sdar_mask_token_id=1, sdar_block_size=4, normalization="RMSNorm", swiglu=True, add_bias_linear=False,
+        position_embedding_type="rope", num_experts=None,
+    )  # fmt: skip
+    arch = architecture_from_megatron_args(args)
+    assert arch.family == "qwen3" and arch.vocab_size == arch.padded_vocab_size == 768
+    assert not arch.tied_embeddings and arch.mask_token_id == 1 and arch.block_size == 4
+    assert architecture_from_megatron_args(args, vocab_size=600).vocab_size == 600
+    with pytest.raises(ValueError, match="must be in 1..768"):
+        architecture_from_megatron_args(args, vocab_size=1000)
+    args.num_experts, args.swiglu = 8, False
+    with pytest.raises(ValueError, match="mixture-of-experts .*SwiGLU"):
+        architecture_from_megatron_args(args)

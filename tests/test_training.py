@@ -19,7 +19,7 @@ BASE_ARGS = [
     "--max-position-embeddings", "64", "--micro-batch-size", "2", "--position-embedding-type", "rope",
     "--transformer-impl", "local", "--calculate-per-token-loss", "--attention-dropout", "0",
     "--hidden-dropout", "0", "--no-persist-layer-norm", "--no-gradient-accumulation-fusion",
-    "--sdar-mask-token-id", "99",
+    "--no-rope-fusion", "--sdar-mask-token-id", "99",
 ]  # fmt: skip
 
 
@@ -58,7 +58,9 @@ def test_invalid_settings_fail_with_advice(extra, vocab, special, message, monke
         validate_sdar_args(args, vocab_size=vocab, special_tokens=special)
 
 
-@pytest.mark.parametrize("flag", ["--no-persist-layer-norm", "--no-gradient-accumulation-fusion"])
+@pytest.mark.parametrize(
+    "flag", ["--no-persist-layer-norm", "--no-gradient-accumulation-fusion", "--no-rope-fusion"]
+)
 def test_local_implementation_without_apex_needs_plain_kernels(flag, monkeypatch):
     from megatron.training.arguments import parse_args
 
@@ -68,6 +70,18 @@ def test_local_implementation_without_apex_needs_plain_kernels(flag, monkeypatch
     args = parse_args(pretrain_sdar._extra_args)
     with pytest.raises(ValueError, match=flag):
         validate_sdar_args(args, vocab_size=128)
+
+
+def test_distributed_optimizer_resume_without_apex_or_te_is_refused(tmp_path, monkeypatch):
+    """megatron-core 0.19.2 cannot restore the distributed optimizer's state with torch's Adam; a
+    run that would try says so before training instead of failing inside checkpoint loading."""
+    args = parse(["--use-distributed-optimizer", "--load", str(tmp_path)], monkeypatch)
+    validate_sdar_args(args, vocab_size=128)  # nothing to resume yet: a fresh run is fine
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("5")
+    with pytest.raises(ValueError, match="--no-load-optim"):
+        validate_sdar_args(args, vocab_size=128)
+    args.finetune = True
+    validate_sdar_args(args, vocab_size=128)
 
 
 def test_per_token_loss_and_mask_token_are_required(monkeypatch):

@@ -8,7 +8,8 @@
 (``architectures: ["SDARForCausalLM"]``, ``model_type: "sdar"``, ``block_size``,
 ``mask_token_id``); ``--format ar`` writes a plain ``Qwen3ForCausalLM``/``LlamaForCausalLM`` that
 ``transformers`` loads as is. The architecture comes from ``sdar_architecture.json`` next to the
-checkpoint (written by convert_hf_to_mcore.py and kept by training runs that ``--save`` there).
+checkpoint (written by convert_hf_to_mcore.py) or, for a checkpoint written by ``pretrain_sdar.py``,
+from the Megatron arguments stored in it (its tokenizer directory is copied too).
 Tensors are read one parameter at a time and written in safetensors shards with an index.
 """
 
@@ -35,7 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["sdar", "ar"], default="sdar")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--iteration", default=None, help="iteration to convert (default: the latest)")
-    p.add_argument("--architecture", default=None, help="sdar_architecture.json (default: next to --load)")
+    p.add_argument(
+        "--architecture",
+        default=None,
+        help="sdar_architecture.json (default: next to --load; a checkpoint written by training "
+        "without one is described by the Megatron arguments it stores)",
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="HF vocabulary rows to keep (default: the recorded vocabulary, or the padded rows of "
+        "a training checkpoint)",
+    )
     p.add_argument(
         "--tokenizer-dir", default=None, help="tokenizer files to copy (default: --load/tokenizer)"
     )
@@ -99,14 +112,27 @@ def main(argv: list[str] | None = None) -> dict:
 
     from megatron_sdar.checkpointing import checkpoint_layout, read_parameter
     from megatron_sdar.conversion import AttentionShape, hf_params_from_mcore
-    from megatron_sdar.hf_checkpoint import Architecture, meta_model
+    from megatron_sdar.hf_checkpoint import Architecture, architecture_from_megatron_args, meta_model
 
     ckpt = checkpoint_dir(args.load, args.iteration)
     arch_path = args.architecture or os.path.join(args.load, "sdar_architecture.json")
-    if not os.path.isfile(arch_path):
-        raise SystemExit(f"error: {arch_path} not found; pass --architecture")
-    with open(arch_path) as f:
-        arch = Architecture(**json.load(f)["architecture"])
+    saved = None
+    if os.path.isfile(arch_path):
+        with open(arch_path) as f:
+            arch = Architecture(**json.load(f)["architecture"])
+        if args.vocab_size is not None:
+            arch.vocab_size = args.vocab_size
+    else:  # a checkpoint written by training: the Megatron arguments it stores describe the model
+        from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+        saved = load_common_state_dict(ckpt).get("args")
+        if saved is None:
+            raise SystemExit(f"error: {arch_path} not found and {ckpt} stores no Megatron arguments; "
+                             "pass --architecture")  # fmt: skip
+        try:
+            arch = architecture_from_megatron_args(saved, args.vocab_size)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from err
     arch.block_size = args.block_size or arch.block_size
     arch.mask_token_id = args.mask_token_id if args.mask_token_id is not None else arch.mask_token_id
     config_json = hf_config(arch, args.format)
@@ -160,6 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config_json, f, indent=2)
         tokenizer_dir = args.tokenizer_dir or os.path.join(args.load, "tokenizer")
+        if not os.path.isdir(tokenizer_dir) and saved is not None:
+            tokenizer_dir = getattr(saved, "tokenizer_model", None) or ""
         if os.path.isdir(tokenizer_dir):
             for name in os.listdir(tokenizer_dir):
                 shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))

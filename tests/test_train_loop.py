@@ -1,0 +1,270 @@
+"""``pretrain_sdar.py`` end to end through Megatron's own training loop, on CPU.
+
+Each run is a subprocess under ``tests/cpu_cuda.py`` (CUDA calls mapped onto the CPU, gloo). They
+prove what only the whole loop can: SDAR CPT trains, logs the SDAR metrics, saves Megatron
+checkpoints, and a run stopped at step N and resumed reaches bit-identical weights, optimizer state
+and losses; SFT windows and the AR baseline train; ``--finetune`` starts from a checkpoint written
+by ``tools/convert_hf_to_mcore.py``; a checkpoint trained at TP=2 exports to HF.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+
+import quickstart  # noqa: E402
+
+SEQ = 64
+MODEL = [
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--group-query-attention",
+    "--num-query-groups", "2", "--kv-channels", "16", "--ffn-hidden-size", "128",
+    "--normalization", "RMSNorm", "--norm-epsilon", "1e-6", "--qk-layernorm", "--swiglu",
+    "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--position-embedding-type", "rope",
+    "--rotary-base", "1000000", "--no-rope-fusion", "--attention-dropout", "0", "--hidden-dropout", "0",
+    "--init-method-std", "0.02", "--max-position-embeddings", str(SEQ),
+]  # fmt: skip
+LOOP = [
+    "--seq-length", str(SEQ), "--micro-batch-size", "4", "--global-batch-size", "8",
+    "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "2",
+    "--weight-decay", "0.1", "--clip-grad", "1.0", "--calculate-per-token-loss",
+    "--transformer-impl", "local", "--no-persist-layer-norm", "--no-gradient-accumulation-fusion",
+    "--seed", "1234", "--log-interval", "1", "--eval-interval", "5", "--eval-iters", "2",
+    "--distributed-backend", "gloo", "--num-workers", "1",
+]  # fmt: skip
+METRICS = ("lm loss", "masked ce", "masked acc", "mean t")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The quick start's data: pydoc corpus, BPE tokenizer (eod 0, mask 1), indexed dataset."""
+    work = tmp_path_factory.mktemp("loop")
+    result = quickstart.main(["--dry-run", "--workdir", str(work), "--vocab-size", "600"])
+    data = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", result["tokenizer"]]
+    data += ["--data-path", result["data_prefix"], "--split", "98,2,0"]
+    return {"work": work, "data": data, "mask": str(result["mask_id"]), "tokenizer": result["tokenizer"]}
+
+
+def train(flags: list[str], nproc: int = 1) -> str:
+    """Run ``pretrain_sdar.py`` with ``flags`` on CPU; return its output (fails the test on error)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    script = [str(ROOT / "tests" / "cpu_cuda.py"), str(ROOT / "pretrain_sdar.py"), *flags]
+    port = str(free_port())
+    if nproc == 1:
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        cmd = [sys.executable, *script]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+        cmd += ["--master-addr", "127.0.0.1", "--master-port", port, *script]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+def iterations(log: str) -> dict[int, dict[str, str]]:
+    """Logged metrics per iteration, as printed (exact comparison of the printed digits)."""
+    found = {}
+    for m in re.finditer(r"iteration\s+(\d+)/\s*\d+ \|(.*)", log):
+        fields = dict(re.findall(r"([a-z ]+): ([-0-9.E+]+) \|", m.group(2)))
+        found[int(m.group(1))] = {k.strip(): v for k, v in fields.items()}
+    return found
+
+
+def validation(log: str, iteration: int) -> str:
+    m = re.search(rf"validation loss at iteration {iteration} \|(.*)", log)
+    assert m, f"no validation at iteration {iteration}"
+    return m.group(1)
+
+
+def tensors(checkpoint_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a torch_dist checkpoint, as global tensors."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp_path / f"{checkpoint_dir.parent.name}-{checkpoint_dir.name}.pt"
+    dcp_to_torch_save(checkpoint_dir, out)
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        elif isinstance(value, torch.Tensor):
+            flat[prefix[:-1]] = value
+
+    walk("", torch.load(out, weights_only=False))
+    return flat
+
+
+def test_cpt_trains_checkpoints_and_resumes_exactly(corpus, tmp_path):
+    sdar = ["--sdar-mask-token-id", corpus["mask"], "--sdar-block-size", "4"]
+    base = [*MODEL, *LOOP, *corpus["data"], *sdar, "--train-iters", "10", "--save-interval", "5"]
+    straight = train([*base, "--save", str(tmp_path / "a")])
+    first_half = train([*base, "--save", str(tmp_path / "b"), "--exit-interval", "5"])
+    resumed = train([*base, "--save", str(tmp_path / "b"), "--load", str(tmp_path / "b")])
+
+    whole = iterations(straight)
+    assert sorted(whole) == list(range(1, 11))
+    assert all(set(METRICS) <= set(v) for v in whole.values())
+    assert all(
+        0.0 < float(v["mean t"]) < 1.0 and 0.0 <= float(v["masked acc"]) <= 1.0 for v in whole.values()
+    )
+    assert sorted(iterations(first_half)) == [1, 2, 3, 4, 5]
+    assert "loading distributed checkpoint from" in resumed and "at iteration 5" in resumed
+    after = iterations(resumed)
+    assert sorted(after) == list(range(6, 11))
+    # Megatron prints the first iteration of every run and folds it into the next report, so the
+    # report after it averages two steps in the resumed run; every other figure must be identical.
+    for it in (6, 8, 9, 10):
+        assert {k: after[it][k] for k in METRICS} == {k: whole[it][k] for k in METRICS}, it
+    assert validation(resumed, 10) == validation(straight, 10)
+    assert (tmp_path / "a" / "latest_checkpointed_iteration.txt").read_text().strip() == "10"
+
+    a = tensors(tmp_path / "a" / "iter_0000010", tmp_path)
+    b = tensors(tmp_path / "b" / "iter_0000010", tmp_path)
+    assert set(a) == set(b)
+    assert any(k.startswith("optimizer.") for k in a), "optimizer state is part of the checkpoint"
+    assert any("decoder.layers" in k for k in a)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+    early = tensors(tmp_path / "a" / "iter_0000005", tmp_path)
+    assert any(not torch.equal(early[k], a[k]) for k in a if "decoder.layers" in k)
+
+
+def test_sft_stage_and_ar_objective_train(corpus, tmp_path):
+    from tools import preprocess_sft
+
+    chats = tmp_path / "chat.jsonl"
+    with chats.open("w") as f:
+        for i in range(60):
+            f.write(json.dumps({"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."}) + "\n")
+    from transformers import AutoTokenizer
+
+    chat_tokenizer = AutoTokenizer.from_pretrained(corpus["tokenizer"])
+    chat_tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    chat_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    prefix = tmp_path / "sft"
+    summary = preprocess_sft.main(
+        ["--input", str(chats), "--tokenizer", str(tmp_path / "tokenizer"), "--output-prefix", str(prefix),
+         "--block-size", "4", "--seq-length", str(SEQ)]
+    )  # fmt: skip
+    assert summary["examples"] == 60 and summary["dropped"] == 0
+    tokenizer = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path / "tokenizer")]
+    sft = train(
+        [*MODEL, *LOOP, *tokenizer, "--data-path", str(prefix), "--train-iters", "4",
+         "--eval-iters", "0", "--sdar-stage", "sft", "--sdar-mask-token-id", corpus["mask"],
+         "--sdar-block-size", "4"]
+    )  # fmt: skip
+    logged = iterations(sft)
+    assert sorted(logged) == [1, 2, 3, 4] and all(set(METRICS) <= set(v) for v in logged.values())
+
+    ar = train([*MODEL, *LOOP, *corpus["data"], "--train-iters", "4", "--sdar-objective", "ar"])
+    logged = iterations(ar)
+    assert sorted(logged) == [1, 2, 3, 4]
+    assert all("lm loss" in v and "masked ce" not in v for v in logged.values())
+    assert float(logged[1]["lm loss"]) > 5.0  # about ln(600) at initialisation
+
+
+def test_finetune_from_a_converted_hf_checkpoint(corpus, tmp_path):
+    """HF Qwen3 -> convert_hf_to_mcore -> pretrain_sdar.py --load --finetune: the run starts at
+    iteration 0 from the converted weights (with lr 0 the saved weights equal them exactly)."""
+    import transformers
+
+    from tools import convert_hf_to_mcore
+
+    cfg = transformers.Qwen3Config(
+        vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=SEQ, rms_norm_eps=1e-6,
+        rope_theta=1e6, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    converted = tmp_path / "converted"
+    convert_hf_to_mcore.main(["--hf-dir", str(tmp_path / "hf"), "--save", str(converted), "--dtype", "fp32"])
+    recorded = json.loads((converted / "sdar_architecture.json").read_text())["megatron_args"]
+    flags = [*recorded, "--no-rope-fusion", *LOOP, *corpus["data"], "--sdar-mask-token-id", corpus["mask"]]
+    flags += ["--sdar-block-size", "4", "--train-iters", "3", "--eval-iters", "0"]
+    flags += ["--lr", "0", "--min-lr", "0", "--lr-warmup-iters", "0", "--lr-decay-style", "constant"]
+    out = train(
+        [
+            *flags,
+            "--load",
+            str(converted),
+            "--finetune",
+            "--save",
+            str(tmp_path / "ft"),
+            "--save-interval",
+            "3",
+        ]
+    )
+    assert sorted(iterations(out)) == [1, 2, 3]
+    assert float(iterations(out)[1]["lm loss"]) > 0
+    start = tensors(converted / "release", tmp_path)
+    trained = tensors(tmp_path / "ft" / "iter_0000003", tmp_path)
+    weights = [k for k in start if not k.endswith("_extra_state")]
+    assert weights and all(torch.equal(start[k], trained[k]) for k in weights)
+
+    wrong = [a if a != "128" else "256" for a in flags]  # --ffn-hidden-size 128 -> 256
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    proc = subprocess.run(
+        [sys.executable, "tests/cpu_cuda.py", "pretrain_sdar.py", *wrong, "--load", str(converted),
+         "--finetune"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "--ffn-hidden-size: checkpoint has 128, flags give 256" in proc.stderr
+
+
+def test_tp2_training_checkpoint_exports_to_hf(corpus, tmp_path):
+    """Train at TP=2 (two gloo processes), then export the training checkpoint to HF: the export
+    holds the trained weights (not the initial ones) with the shapes transformers expects."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from tools import convert_mcore_to_hf
+
+    sdar = ["--sdar-mask-token-id", corpus["mask"], "--sdar-block-size", "4"]
+    run = [*MODEL, *LOOP, *corpus["data"], *sdar, "--train-iters", "3", "--eval-iters", "0"]
+    run += ["--tensor-model-parallel-size", "2", "--save", str(tmp_path / "tp2"), "--save-interval", "3"]
+    out = train(run, nproc=2)
+    assert sorted(iterations(out)) == [1, 2, 3]
+    hf = tmp_path / "hf"
+    convert_mcore_to_hf.main(
+        ["--load", str(tmp_path / "tp2"), "--save", str(hf), "--format", "ar", "--dtype", "fp32"]
+    )
+    config = transformers.AutoConfig.from_pretrained(hf)
+    assert config.num_hidden_layers == 2 and config.vocab_size == 768  # padded for TP=2: 128 x 2
+    assert (hf / "tokenizer.json").exists()  # the training run's tokenizer directory
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf).eval()
+    exported = {}
+    for f in hf.glob("*.safetensors"):
+        exported.update(load_file(f))
+    saved = tensors(tmp_path / "tp2" / "iter_0000003", tmp_path)
+    torch.testing.assert_close(
+        exported["model.embed_tokens.weight"],
+        saved["embedding.word_embeddings.weight"].float(),
+        rtol=0,
+        atol=0,
+    )
+    torch.testing.assert_close(
+        exported["model.layers.1.mlp.down_proj.weight"],
+        saved["decoder.layers.mlp.linear_fc2.weight"][1].float(),
+        rtol=0,
+        atol=0,
+    )
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(10).unsqueeze(0)).logits).all()
