@@ -27,6 +27,7 @@ from megatron_sdar.config import LossNormalizer, PositionIds, SDARConfig
 from megatron_sdar.loss import sdar_loss
 from megatron_sdar.masks import BlockCounting, CleanAttention, document_ids_from_eod
 from megatron_sdar.noise import NoiseUnit
+from megatron_sdar.throughput import METER, REPORT_KEY
 
 OBJECTIVES = ("sdar", "ar")
 STAGES = ("cpt", "sft")
@@ -352,6 +353,7 @@ def get_sdar_batch(data_iterator, device: torch.device, micro_batch_size: int, s
 
 def forward_step(data_iterator, model) -> tuple[torch.Tensor, Any]:
     """Megatron forward step for both objectives."""
+    from megatron.core import parallel_state
     from megatron.training import get_args, get_timers
 
     from megatron_sdar.batch import SDARBatch
@@ -367,10 +369,21 @@ def forward_step(data_iterator, model) -> tuple[torch.Tensor, Any]:
     data = get_sdar_batch(data_iterator, device, args.micro_batch_size, args.seq_length)
     timers("batch-generator").stop()
     batch = SDARBatch(**{k: data[k] for k in SDAR_KEYS})
+    throughput = METER.report(
+        batch.labels.numel(), model.training, device, parallel_state.get_data_parallel_world_size()
+    )
     if args.sdar_objective == "ar":
-        return ar_forward(model, batch)
-    output = model(batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels)
-    return output, partial(sdar_loss, batch=batch, normalizer=args.sdar_loss_normalizer)
+        output, loss_fn = ar_forward(model, batch)
+    else:
+        output = model(batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels)
+        loss_fn = partial(sdar_loss, batch=batch, normalizer=args.sdar_loss_normalizer)
+    return output, partial(_with_throughput, loss_fn, throughput)
+
+
+def _with_throughput(loss_fn, throughput: torch.Tensor, output: torch.Tensor):
+    """Add the ``data tokens/s`` pair to the loss function's report."""
+    loss_sum, count, report = loss_fn(output)
+    return loss_sum, count, {**report, REPORT_KEY: throughput}
 
 
 def ar_forward(model, batch) -> tuple[torch.Tensor, Any]:

@@ -77,15 +77,17 @@ def iterations(log: str) -> dict[int, dict[str, str]]:
     """Logged metrics per iteration, as printed (exact comparison of the printed digits)."""
     found = {}
     for m in re.finditer(r"iteration\s+(\d+)/\s*\d+ \|(.*)", log):
-        fields = dict(re.findall(r"([a-z ]+): ([-0-9.E+]+) \|", m.group(2)))
+        fields = dict(re.findall(r"([a-z /]+): ([-0-9.E+]+) \|", m.group(2)))
         found[int(m.group(1))] = {k.strip(): v for k, v in fields.items()}
     return found
 
 
-def validation(log: str, iteration: int) -> str:
+def validation(log: str, iteration: int) -> dict[str, str]:
+    """The SDAR metrics of the validation at ``iteration``, as printed."""
     m = re.search(rf"validation loss at iteration {iteration} \|(.*)", log)
     assert m, f"no validation at iteration {iteration}"
-    return m.group(1)
+    fields = dict(re.findall(r"([a-z /]+) value: ([-0-9.E+]+) \|", m.group(1)))
+    return {k.strip(): v for k, v in fields.items() if k.strip() in METRICS}
 
 
 def tensors(checkpoint_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
@@ -129,6 +131,7 @@ def test_cpt_trains_checkpoints_and_resumes_exactly(corpus, tmp_path):
     for it in (6, 8, 9, 10):
         assert {k: after[it][k] for k in METRICS} == {k: whole[it][k] for k in METRICS}, it
     assert validation(resumed, 10) == validation(straight, 10)
+    assert set(validation(straight, 10)) == set(METRICS)
     assert (tmp_path / "a" / "latest_checkpointed_iteration.txt").read_text().strip() == "10"
 
     a = tensors(tmp_path / "a" / "iter_0000010", tmp_path)
