@@ -253,3 +253,84 @@ def test_architecture_from_training_arguments():
     args.num_experts, args.swiglu = 8, False
     with pytest.raises(ValueError, match="mixture-of-experts .*SwiGLU"):
         architecture_from_megatron_args(args)
+
+
+def _tokenizer_and_model(tmp_path):
+    """A HF Llama whose embedding has exactly one row per token of its (BPE) tokenizer."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=80, special_tokens=["<unk>", "<|endoftext|>"])
+    tok.train_from_iterator(["the mask token is new", "blocks decode in parallel"] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
+    rows = len(fast)
+    cfg = transformers.LlamaConfig(
+        vocab_size=rows, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=1,
+        num_attention_heads=HEADS, num_key_value_heads=KV, head_dim=HEAD_DIM, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    out = tmp_path / "hf"
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out, model, rows
+
+
+def test_adding_a_mask_token_grows_the_embedding_and_the_tokenizer(tmp_path):
+    """A token the tokenizer lacks is added: a new embedding row (the mean of the others), the
+    tokenizer saved with it, and the HF export round-trips it."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from tools import convert_mcore_to_hf
+
+    src, hf, rows = _tokenizer_and_model(tmp_path)
+    ckpt = tmp_path / "ckpt"
+    info = convert_hf_to_mcore.main(
+        ["--hf-dir", str(src), "--save", str(ckpt), "--dtype", "fp32", "--mask-token", "<|mask|>",
+         "--block-size", "4"]
+    )  # fmt: skip
+    arch = info["architecture"]
+    assert arch.mask_token_id == rows and arch.vocab_size == rows + 1 and arch.padded_vocab_size == 128
+    tok = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
+    assert tok.convert_tokens_to_ids("<|mask|>") == rows and len(tok) == rows + 1
+    assert tok("the mask").input_ids == AutoTokenizer.from_pretrained(src)("the mask").input_ids
+
+    out = tmp_path / "sdar"
+    convert_mcore_to_hf.main(["--load", str(ckpt), "--save", str(out), "--dtype", "fp32"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == rows + 1 and config["mask_token_id"] == rows
+    weights = load_file(out / "model.safetensors")
+    original = hf.state_dict()
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(weights[name][:rows], original[name])
+        torch.testing.assert_close(weights[name][rows], original[name].mean(0))
+    assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<|mask|>") == rows
+
+
+def test_mask_token_ids_for_weights_only_folders(tmp_path):
+    src, _, rows = _tokenizer_and_model(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (src / name).unlink(missing_ok=True)
+    with pytest.raises(SystemExit, match=f"pass an id instead: an unused row below {rows}, or {rows} to add"):
+        convert_hf_to_mcore.main(
+            ["--hf-dir", str(src), "--save", str(tmp_path / "a"), "--mask-token", "<|m|>"]
+        )
+    with pytest.raises(SystemExit, match=f"outside the embedding's {rows} rows"):
+        convert_hf_to_mcore.main(
+            ["--hf-dir", str(src), "--save", str(tmp_path / "b"), "--mask-token", str(rows + 1)]
+        )
+    info = convert_hf_to_mcore.main(
+        ["--hf-dir", str(src), "--save", str(tmp_path / "c"), "--mask-token", str(rows)]
+    )
+    assert (
+        info["architecture"].vocab_size == rows + 1
+        and not (tmp_path / "c" / "tokenizer" / "tokenizer.json").exists()
+    )
+    info = convert_hf_to_mcore.main(
+        ["--hf-dir", str(src), "--save", str(tmp_path / "d"), "--mask-token", "3"]
+    )
+    assert info["architecture"].vocab_size == rows and info["architecture"].mask_token_id == 3

@@ -42,16 +42,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--expert-model-parallel-size", type=int, default=1)
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    p.add_argument("--mask-token", default=None, help="mask token id, or a token string in the tokenizer")
+    p.add_argument(
+        "--mask-token",
+        default=None,
+        help="mask token: a token string (added to the tokenizer if missing) or an id (an unused "
+        "row, or the row count to add a row)",
+    )
     p.add_argument("--block-size", type=int, default=None, help="SDAR block size to record")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--overwrite", action="store_true")
     return p
 
 
-def resolve_mask_token(hf_dir: str, value: str | None, vocab_size: int) -> int | None:
+def resolve_mask_token(hf_dir: str, value: str | None, vocab_size: int) -> tuple[int | None, object | None]:
+    """The mask token's id, and the tokenizer to save when the token had to be added to it.
+
+    A token string the tokenizer lacks is added as a special token; it takes the next id, which is
+    either a spare embedding row (Qwen3 has 267) or one new row. An id equal to the number of rows
+    also asks for a new row (weights-only folders).
+    """
     if value is None:
-        return None
+        return None, None
+    added = None
     if value.lstrip("-").isdigit():
         token_id = int(value)
     else:
@@ -60,17 +72,22 @@ def resolve_mask_token(hf_dir: str, value: str | None, vocab_size: int) -> int |
         try:
             tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
         except Exception as err:
-            msg = f"error: --mask-token {value!r} is a string but {hf_dir} has no tokenizer: {err}"
+            msg = (
+                f"error: --mask-token {value!r} is a string but {hf_dir} has no tokenizer ({err}); "
+                f"pass an id instead: an unused row below {vocab_size}, or {vocab_size} to add a row"
+            )
             raise SystemExit(msg) from None
         token_id = tok.convert_tokens_to_ids(value)
         if token_id is None or token_id == tok.unk_token_id:
-            raise SystemExit(
-                f"error: {value!r} is not a token of the tokenizer in {hf_dir}; pass an unused token id "
-                "inside the embedding instead (adding new tokens is not supported yet)"
-            )
-    if not 0 <= token_id < vocab_size:
-        raise SystemExit(f"error: mask token id {token_id} is outside the embedding's {vocab_size} rows")
-    return token_id
+            tok.add_tokens([value], special_tokens=True)
+            token_id = tok.convert_tokens_to_ids(value)
+            added = tok
+    if not 0 <= token_id <= vocab_size:
+        raise SystemExit(
+            f"error: mask token id {token_id} is outside the embedding's {vocab_size} rows (use an unused "
+            f"row below {vocab_size}, or {vocab_size} to add one)"
+        )
+    return token_id, added
 
 
 def check_layout(arch, args) -> None:
@@ -106,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         ARCHITECTURE_FILE,
         SafetensorsReader,
         meta_model,
+        padded_vocab,
         read_architecture,
     )
 
@@ -117,11 +135,15 @@ def main(argv: list[str] | None = None) -> dict:
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     check_layout(arch, args)
-    arch.mask_token_id = (
-        resolve_mask_token(args.hf_dir, args.mask_token, arch.vocab_size)
-        if args.mask_token
-        else arch.mask_token_id
-    )
+    hf_rows = arch.vocab_size
+    added_tokenizer = None
+    if args.mask_token:
+        arch.mask_token_id, added_tokenizer = resolve_mask_token(args.hf_dir, args.mask_token, hf_rows)
+        if arch.mask_token_id == hf_rows:  # a new embedding row for the mask token
+            arch.vocab_size = hf_rows + 1
+            arch.padded_vocab_size = padded_vocab(
+                arch.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+            )
     arch.block_size = args.block_size or arch.block_size
     shape = AttentionShape(arch.num_attention_heads, arch.num_query_groups, arch.kv_channels)
     wanted = set(mcore_names_for_hf(reader.names(), arch.num_layers, arch.tied_embeddings))
@@ -139,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     def fetch(name: str) -> torch.Tensor:
         tensor = mcore_param_from_hf(name, reader, shape)
         if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            if arch.vocab_size > tensor.shape[0]:  # the added mask token: start from the mean row
+                tensor = torch.cat([tensor, tensor.float().mean(0, keepdim=True).to(tensor.dtype)])
             pad = arch.padded_vocab_size - tensor.shape[0]
             tensor = torch.cat([tensor, tensor.new_zeros(pad, tensor.shape[1])]) if pad else tensor
         if tuple(tensor.shape) != expected[name]:
@@ -169,6 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
     with open(os.path.join(args.save, ARCHITECTURE_FILE), "w") as f:
         json.dump(arch.to_json(), f, indent=2)
     copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(args.hf_dir, n))]
+    if added_tokenizer is not None:
+        added_tokenizer.save_pretrained(os.path.join(args.save, "tokenizer"))
+        copied = [n for n in copied if n == "generation_config.json"]
     if copied:
         os.makedirs(os.path.join(args.save, "tokenizer"), exist_ok=True)
         for name in copied:
