@@ -1,10 +1,12 @@
-"""Parameter mapping between HF Llama/Qwen3 causal LMs and Megatron-Core GPT models (local spec).
+"""Parameter mapping between HF Llama/Qwen3/Qwen3-MoE causal LMs and Megatron-Core GPT models.
 
 Layouts Megatron uses that HF does not:
 
 * ``linear_qkv``: for each KV group ``g``, the rows ``[q heads of g ; k_g ; v_g]``, so a contiguous
   split over tensor-parallel ranks gives each rank whole groups;
-* ``linear_fc1``: ``[gate ; up]`` (SwiGLU) stacked on the output dimension.
+* ``linear_fc1``: ``[gate ; up]`` (SwiGLU) stacked on the output dimension, for the dense MLP and
+  for each expert (``mlp.experts.local_experts.{e}``, the router is ``mlp.router``; Megatron's
+  checkpoint layout places expert ``e`` at its global index whatever the expert parallelism).
 
 These functions work on full (unsplit) tensors of one model; they copy nothing they do not need
 to, and round trips are bit-exact.
@@ -78,6 +80,9 @@ def _split_layer_name(name: str, prefix: str) -> tuple[int, str] | None:
     return int(idx), rest
 
 
+_EXPERT = "mlp.experts.local_experts."
+
+
 def hf_sources(mcore_name: str) -> tuple[str, ...]:
     """The HF tensors a Megatron (local spec, unsplit) parameter is built from."""
     if mcore_name in _TOP:
@@ -93,6 +98,17 @@ def hf_sources(mcore_name: str) -> tuple[str, ...]:
         names = _QKV
     elif rest == "mlp.linear_fc1.weight":
         names = _FC1
+    elif rest == "mlp.router.weight":
+        names = ("mlp.gate.weight",)
+    elif rest.startswith(_EXPERT) and rest.count(".") == 5:
+        expert, linear = rest[len(_EXPERT) :].split(".", 1)
+        hf = f"mlp.experts.{int(expert)}."
+        if linear == "linear_fc1.weight":
+            names = (hf + "gate_proj.weight", hf + "up_proj.weight")
+        elif linear == "linear_fc2.weight":
+            names = (hf + "down_proj.weight",)
+        else:
+            raise ValueError(f"no HF source known for Megatron parameter {mcore_name!r}")
     else:
         raise ValueError(f"no HF source known for Megatron parameter {mcore_name!r}")
     return tuple(f"{_LAYER_PREFIX[1]}{i}.{n}" for n in names)
@@ -105,7 +121,7 @@ def mcore_param_from_hf(
     sources = [read(n) for n in hf_sources(mcore_name)]
     if mcore_name.endswith("self_attention.linear_qkv.weight"):
         return fuse_qkv(*sources, shape)
-    if mcore_name.endswith("mlp.linear_fc1.weight"):
+    if mcore_name.endswith("linear_fc1.weight"):
         return torch.cat(sources, dim=0)
     return sources[0]
 
@@ -117,12 +133,12 @@ def hf_params_from_mcore(
     names = hf_sources(mcore_name)
     if mcore_name.endswith("self_attention.linear_qkv.weight"):
         return dict(zip(names, split_qkv(tensor, shape)))
-    if mcore_name.endswith("mlp.linear_fc1.weight"):
+    if mcore_name.endswith("linear_fc1.weight"):
         return dict(zip(names, (c.contiguous() for c in tensor.chunk(2, dim=0))))
     return {names[0]: tensor}
 
 
-def mcore_names_for_hf(hf_names: list[str], num_layers: int, tied: bool) -> list[str]:
+def mcore_names_for_hf(hf_names: list[str], num_layers: int, tied: bool, num_experts: int = 0) -> list[str]:
     """The Megatron parameters an HF checkpoint with these tensor names converts to."""
     present = set(hf_names)
     names = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight"]
@@ -133,7 +149,12 @@ def mcore_names_for_hf(hf_names: list[str], num_layers: int, tied: bool) -> list
         layer = {n for n in present if n.startswith(f"model.layers.{i}.")}
         if not layer:
             raise ValueError(f"the HF checkpoint has no parameters for layer {i}")
-        for rest in [*_LAYER_DIRECT.values(), "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight"]:
+        candidates = [*_LAYER_DIRECT.values(), "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight"]
+        if num_experts:
+            candidates.append("mlp.router.weight")
+            for e in range(num_experts):
+                candidates += [f"{_EXPERT}{e}.linear_fc1.weight", f"{_EXPERT}{e}.linear_fc2.weight"]
+        for rest in candidates:
             name = f"decoder.layers.{i}.{rest}"
             sources = hf_sources(name)
             if all(src in present for src in sources):
@@ -146,11 +167,11 @@ def mcore_names_for_hf(hf_names: list[str], num_layers: int, tied: bool) -> list
 
 
 def hf_to_mcore_state_dict(hf: dict[str, torch.Tensor], shape: AttentionShape, num_layers: int,
-                           tied: bool) -> dict[str, torch.Tensor]:  # fmt: skip
-    """A whole HF Llama/Qwen3 state dict -> Megatron GPT (local spec, unsplit) state dict."""
+                           tied: bool, num_experts: int = 0) -> dict[str, torch.Tensor]:  # fmt: skip
+    """A whole HF Llama/Qwen3/Qwen3-MoE state dict -> Megatron GPT (local spec, unsplit) state dict."""
     return {
         n: mcore_param_from_hf(n, hf.__getitem__, shape)
-        for n in mcore_names_for_hf(list(hf), num_layers, tied)
+        for n in mcore_names_for_hf(list(hf), num_layers, tied, num_experts)
     }
 
 

@@ -8,7 +8,13 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3", "SDARForCausalLM": "qwen3"}
+SUPPORTED = {
+    "LlamaForCausalLM": "llama",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "SDARForCausalLM": "qwen3",
+    "SDARMoeForCausalLM": "qwen3_moe",
+}
 
 
 @dataclass
@@ -31,6 +37,12 @@ class Architecture:
     max_position_embeddings: int
     mask_token_id: int | None = None
     block_size: int | None = None
+    # mixture of experts (Qwen3-MoE): every layer's MLP is a routed MoE without shared experts
+    num_experts: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_router_topk: int = 0
+    moe_norm_topk_prob: bool = True  # renormalise the top-k probabilities (Megatron: softmax after top-k)
+    moe_aux_loss_coeff: float = 0.0
 
     def megatron_args(self) -> list[str]:
         """The architecture flags for ``pretrain_sdar.py``."""
@@ -50,6 +62,16 @@ class Architecture:
             args.append("--qk-layernorm")
         if not self.tied_embeddings:
             args.append("--untie-embeddings-and-output-weights")
+        if self.num_experts:
+            args += [
+                "--num-experts", str(self.num_experts),
+                "--moe-ffn-hidden-size", str(self.moe_ffn_hidden_size),
+                "--moe-router-topk", str(self.moe_router_topk),
+                "--moe-router-load-balancing-type", "aux_loss",
+                "--moe-aux-loss-coeff", repr(self.moe_aux_loss_coeff),
+            ]  # fmt: skip
+            if not self.moe_norm_topk_prob:
+                args.append("--moe-router-pre-softmax")
         if self.mask_token_id is not None:
             args += ["--sdar-mask-token-id", str(self.mask_token_id)]
         return args
@@ -76,10 +98,7 @@ def read_architecture(
     archs = cfg.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED), None)
     if arch is None:
-        raise ValueError(
-            f"unsupported architecture {archs}; supported: {sorted(SUPPORTED)}"
-            + (" (Qwen3-MoE conversion is not implemented yet)" if "Qwen3MoeForCausalLM" in archs else "")
-        )
+        raise ValueError(f"unsupported architecture {archs}; supported: {sorted(SUPPORTED)}")
     problems = []
     scaling = cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {})
     if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
@@ -90,6 +109,20 @@ def read_architecture(
         problems.append("attention/MLP biases are not implemented")
     if cfg.get("hidden_act", "silu") != "silu":
         problems.append(f"activation {cfg.get('hidden_act')} is not implemented (SwiGLU/silu only)")
+    moe = SUPPORTED[arch] == "qwen3_moe"
+    if moe:
+        if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+            problems.append("dense layers between MoE layers (mlp_only_layers / decoder_sparse_step) are not "
+                            "implemented")  # fmt: skip
+        if cfg.get("shared_expert_intermediate_size"):
+            problems.append("shared experts are not implemented")
+        if "num_experts" not in cfg and "num_local_experts" in cfg:  # transformers 5 writes this name
+            cfg["num_experts"] = cfg["num_local_experts"]
+        missing = [
+            k for k in ("num_experts", "moe_intermediate_size", "num_experts_per_tok") if not cfg.get(k)
+        ]
+        if missing:
+            problems.append(f"the MoE config lacks {', '.join(missing)}")
     if problems:
         raise ValueError(f"{hf_dir}: " + "; ".join(problems))
     heads = cfg["num_attention_heads"]
@@ -108,11 +141,16 @@ def read_architecture(
         padded_vocab_size=padded_vocab(cfg["vocab_size"], make_vocab_size_divisible_by, tensor_parallel),
         rotary_base=float(theta),
         norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
-        qk_layernorm=SUPPORTED[arch] == "qwen3",
+        qk_layernorm=SUPPORTED[arch] in ("qwen3", "qwen3_moe"),
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         mask_token_id=cfg.get("mask_token_id"),
         block_size=cfg.get("block_size"),
+        num_experts=int(cfg["num_experts"]) if moe else 0,
+        moe_ffn_hidden_size=int(cfg["moe_intermediate_size"]) if moe else 0,
+        moe_router_topk=int(cfg["num_experts_per_tok"]) if moe else 0,
+        moe_norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+        moe_aux_loss_coeff=float(cfg.get("router_aux_loss_coef", 0.001)) if moe else 0.0,
     )
 
 
@@ -185,7 +223,18 @@ def architecture_mismatches(arch: Architecture, args: Any) -> list[str]:
         "--norm-epsilon": (arch.norm_epsilon, args.layernorm_epsilon),
         "--swiglu": (True, bool(args.swiglu)),
         "--normalization": ("RMSNorm", args.normalization),
+        "--num-experts": (arch.num_experts or None, getattr(args, "num_experts", None) or None),
     }
+    if arch.num_experts:
+        pairs["--moe-ffn-hidden-size"] = (
+            arch.moe_ffn_hidden_size,
+            getattr(args, "moe_ffn_hidden_size", None),
+        )
+        pairs["--moe-router-topk"] = (arch.moe_router_topk, getattr(args, "moe_router_topk", None))
+        pairs["--moe-router-pre-softmax"] = (
+            not arch.moe_norm_topk_prob,
+            bool(getattr(args, "moe_router_pre_softmax", False)),
+        )
     if getattr(args, "padded_vocab_size", None) is not None:
         pairs["padded vocabulary (tokenizer, --make-vocab-size-divisible-by, TP)"] = (
             arch.padded_vocab_size,
@@ -215,6 +264,18 @@ def check_checkpoint_architecture(checkpoint_dir: str | None, args: Any) -> None
         )
 
 
+def moe_config(arch: Architecture, dispatcher: str = "allgather") -> dict[str, Any]:
+    """``TransformerConfig`` fields for ``arch``'s experts (empty for dense models)."""
+    if not arch.num_experts:
+        return {}
+    return dict(
+        num_moe_experts=arch.num_experts, moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_topk=arch.moe_router_topk, moe_router_pre_softmax=not arch.moe_norm_topk_prob,
+        moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=arch.moe_aux_loss_coeff,
+        moe_token_dispatcher_type=dispatcher, moe_grouped_gemm=False,
+    )  # fmt: skip
+
+
 def meta_model(arch: Architecture) -> Any:
     """The SDAR model for ``arch`` at TP=PP=1 on the ``meta`` device: parameter names, shapes and
     Megatron's checkpoint layout without allocating weights."""
@@ -229,7 +290,7 @@ def meta_model(arch: Architecture) -> Any:
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
         num_attention_heads=arch.num_attention_heads, num_query_groups=arch.num_query_groups,
         kv_channels=arch.kv_channels, layernorm_epsilon=arch.norm_epsilon, qk_layernorm=arch.qk_layernorm,
-        use_cpu_initialization=True, perform_initialization=False,
+        use_cpu_initialization=True, perform_initialization=False, **moe_config(arch),
     )  # fmt: skip
     with torch.device("meta"):
         return build_sdar_model(
@@ -246,8 +307,13 @@ def architecture_from_megatron_args(args: Any, vocab_size: int | None = None) ->
     vocabularies are already multiples of 128) unless given.
     """
     problems = []
-    if getattr(args, "num_experts", None):
-        problems.append("mixture-of-experts export is not implemented")
+    experts = int(getattr(args, "num_experts", None) or 0)
+    if experts and not getattr(args, "qk_layernorm", False):
+        problems.append("mixture of experts without QK-norm (only Qwen3-MoE is exported)")
+    if experts and (
+        getattr(args, "moe_shared_expert_intermediate_size", None) or getattr(args, "moe_layer_freq", 1) != 1
+    ):
+        problems.append("shared experts or dense layers between MoE layers")
     if getattr(args, "normalization", "RMSNorm") != "RMSNorm":
         problems.append(f"normalization {args.normalization} (only RMSNorm)")
     if not getattr(args, "swiglu", False):
@@ -266,7 +332,7 @@ def architecture_from_megatron_args(args: Any, vocab_size: int | None = None) ->
     heads = int(args.num_attention_heads)
     groups = int(args.num_query_groups) if getattr(args, "group_query_attention", False) else heads
     return Architecture(
-        family="qwen3" if getattr(args, "qk_layernorm", False) else "llama",
+        family=("qwen3_moe" if experts else "qwen3") if getattr(args, "qk_layernorm", False) else "llama",
         num_layers=int(args.num_layers),
         hidden_size=int(args.hidden_size),
         ffn_hidden_size=int(args.ffn_hidden_size),
@@ -282,4 +348,9 @@ def architecture_from_megatron_args(args: Any, vocab_size: int | None = None) ->
         max_position_embeddings=int(args.max_position_embeddings),
         mask_token_id=getattr(args, "sdar_mask_token_id", None),
         block_size=getattr(args, "sdar_block_size", None),
+        num_experts=experts,
+        moe_ffn_hidden_size=int(getattr(args, "moe_ffn_hidden_size", None) or 0) if experts else 0,
+        moe_router_topk=int(getattr(args, "moe_router_topk", 0) or 0) if experts else 0,
+        moe_norm_topk_prob=not getattr(args, "moe_router_pre_softmax", False),
+        moe_aux_loss_coeff=float(getattr(args, "moe_aux_loss_coeff", 0.0) or 0.0) if experts else 0.0,
     )

@@ -155,7 +155,18 @@ def test_refusals(hf_dir, tmp_path):
     broken.mkdir()
     cfg = json.loads((src / "config.json").read_text())
     for change, message in [
-        ({"architectures": ["Qwen3MoeForCausalLM"]}, "Qwen3-MoE conversion is not implemented"),
+        ({"architectures": ["MistralForCausalLM"]}, "unsupported architecture"),
+        ({"architectures": ["Qwen3MoeForCausalLM"]}, "lacks num_experts"),
+        (
+            {
+                "architectures": ["Qwen3MoeForCausalLM"],
+                "num_experts": 4,
+                "moe_intermediate_size": 32,
+                "num_experts_per_tok": 2,
+                "mlp_only_layers": [0],
+            },
+            "dense layers between MoE layers",
+        ),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling"),
         ({"use_sliding_window": True}, "sliding-window"),
     ]:
@@ -250,8 +261,16 @@ def test_architecture_from_training_arguments():
     assert architecture_from_megatron_args(args, vocab_size=600).vocab_size == 600
     with pytest.raises(ValueError, match="must be in 1..768"):
         architecture_from_megatron_args(args, vocab_size=1000)
-    args.num_experts, args.swiglu = 8, False
-    with pytest.raises(ValueError, match="mixture-of-experts .*SwiGLU"):
+    args.num_experts, args.moe_ffn_hidden_size, args.moe_router_topk, args.moe_aux_loss_coeff = 8, 32, 2, 1e-3
+    moe = architecture_from_megatron_args(args)
+    assert (
+        moe.family == "qwen3_moe"
+        and moe.num_experts == 8
+        and moe.moe_router_topk == 2
+        and moe.moe_norm_topk_prob
+    )
+    args.qk_layernorm, args.swiglu = False, False
+    with pytest.raises(ValueError, match="mixture of experts without QK-norm.*SwiGLU"):
         architecture_from_megatron_args(args)
 
 

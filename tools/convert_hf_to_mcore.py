@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Convert a HF Llama/Qwen3 checkpoint into a Megatron ``torch_dist`` checkpoint for pretrain_sdar.py.
+"""Convert a HF Llama/Qwen3/Qwen3-MoE checkpoint into a Megatron ``torch_dist`` checkpoint.
 
     python tools/convert_hf_to_mcore.py --hf-dir /models/Qwen3-1.7B --save ckpt/qwen3-1.7b \\
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --mask-token '<|MASK|>'
@@ -107,8 +107,12 @@ def check_layout(arch, args) -> None:
         problems.append(
             f"{arch.num_layers} layers do not split over PP={pp} (use uneven-stage flags in training)"
         )
-    if ep != 1:
+    if ep != 1 and not arch.num_experts:
         problems.append("expert parallelism needs a mixture-of-experts model; this one is dense")
+    if arch.num_experts and arch.num_experts % ep:
+        problems.append(f"{arch.num_experts} experts do not split over EP={ep}")
+    if arch.num_experts and arch.moe_ffn_hidden_size % tp:
+        problems.append(f"expert FFN size {arch.moe_ffn_hidden_size} does not split over TP={tp}")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
 
@@ -146,7 +150,12 @@ def main(argv: list[str] | None = None) -> dict:
             )
     arch.block_size = args.block_size or arch.block_size
     shape = AttentionShape(arch.num_attention_heads, arch.num_query_groups, arch.kv_channels)
-    wanted = set(mcore_names_for_hf(reader.names(), arch.num_layers, arch.tied_embeddings))
+    try:
+        wanted = set(
+            mcore_names_for_hf(reader.names(), arch.num_layers, arch.tied_embeddings, arch.num_experts)
+        )
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
     meta = meta_model(arch)
     layout = checkpoint_layout(meta)

@@ -26,7 +26,11 @@ warnings.filterwarnings("ignore", category=UserWarning)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
-HF_CLASSES = {"qwen3": ("Qwen3ForCausalLM", "qwen3"), "llama": ("LlamaForCausalLM", "llama")}
+HF_CLASSES = {
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    "llama": ("LlamaForCausalLM", "llama"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,12 +98,19 @@ def hf_config(arch, fmt: str) -> dict:
         "attention_bias": False,
         "torch_dtype": "bfloat16",
     }
+    if arch.num_experts:
+        config.update(
+            num_experts=arch.num_experts, num_experts_per_tok=arch.moe_router_topk,
+            moe_intermediate_size=arch.moe_ffn_hidden_size, norm_topk_prob=arch.moe_norm_topk_prob,
+            router_aux_loss_coef=arch.moe_aux_loss_coeff, decoder_sparse_step=1, mlp_only_layers=[],
+        )  # fmt: skip
     if fmt == "sdar":
         if arch.mask_token_id is None or arch.block_size is None:
             raise SystemExit("error: --format sdar needs the mask token id and block size (record them at "
                              "conversion or pass --mask-token-id and --block-size)")  # fmt: skip
         config.update(
-            architectures=["SDARForCausalLM"], model_type="sdar", base_model_type=model_type,
+            architectures=["SDARMoeForCausalLM" if arch.num_experts else "SDARForCausalLM"],
+            model_type="sdar", base_model_type=model_type,
             block_size=arch.block_size, mask_token_id=arch.mask_token_id,
         )  # fmt: skip
     return config
