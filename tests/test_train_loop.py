@@ -77,7 +77,7 @@ def iterations(log: str) -> dict[int, dict[str, str]]:
     """Logged metrics per iteration, as printed (exact comparison of the printed digits)."""
     found = {}
     for m in re.finditer(r"iteration\s+(\d+)/\s*\d+ \|(.*)", log):
-        fields = dict(re.findall(r"([a-z /]+): ([-0-9.E+]+) \|", m.group(2)))
+        fields = dict(re.findall(r"([a-z_ /]+): ([-0-9.E+]+) \|", m.group(2)))
         found[int(m.group(1))] = {k.strip(): v for k, v in fields.items()}
     return found
 
@@ -271,3 +271,44 @@ def test_tp2_training_checkpoint_exports_to_hf(corpus, tmp_path):
     )
     with torch.no_grad():
         assert torch.isfinite(model(torch.arange(10).unsqueeze(0)).logits).all()
+
+
+def test_moe_finetune_with_expert_parallelism(corpus, tmp_path):
+    """A converted Qwen3-MoE checkpoint trains with SDAR CPT at EP=2 (two gloo processes): the
+    router's load-balancing loss is logged next to the SDAR metrics and the checkpoint is saved."""
+    import transformers
+
+    from tools import convert_hf_to_mcore
+
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=600, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=SEQ, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    converted = tmp_path / "converted"
+    convert_hf_to_mcore.main(
+        ["--hf-dir", str(tmp_path / "hf"), "--save", str(converted), "--expert-model-parallel-size", "2"]
+    )
+    recorded = json.loads((converted / "sdar_architecture.json").read_text())["megatron_args"]
+    flags = [*recorded, "--no-rope-fusion", *LOOP, *corpus["data"], "--sdar-mask-token-id", corpus["mask"]]
+    flags += ["--sdar-block-size", "4", "--train-iters", "3", "--eval-iters", "0"]
+    flags += ["--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "allgather"]
+    out = train(
+        [
+            *flags,
+            "--load",
+            str(converted),
+            "--finetune",
+            "--save",
+            str(tmp_path / "ft"),
+            "--save-interval",
+            "3",
+        ],
+        nproc=2,
+    )
+    logged = iterations(out)
+    assert sorted(logged) == [1, 2, 3]
+    assert all(set(METRICS) <= set(v) and float(v["load_balancing_loss"]) > 0 for v in logged.values())
+    assert (tmp_path / "ft" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
