@@ -186,3 +186,49 @@ def test_select_and_quota_by_hand():
     )
     with pytest.raises(ValueError, match="unknown decoding strategy"):
         StrategyConfig("greedy")
+
+
+def test_generate_tool_on_an_sdar_export(tmp_path):
+    """HF model -> Megatron (mask token added) -> HF SDAR export -> tools/generate.py, both modes."""
+    import json
+
+    from tests.test_convert_tool import _tokenizer_and_model
+    from tools import convert_hf_to_mcore, convert_mcore_to_hf
+    from tools import generate as generate_tool
+
+    src, _, rows = _tokenizer_and_model(tmp_path)
+    ckpt, export = tmp_path / "ckpt", tmp_path / "sdar"
+    convert_hf_to_mcore.main(
+        [
+            "--hf-dir",
+            str(src),
+            "--save",
+            str(ckpt),
+            "--dtype",
+            "fp32",
+            "--mask-token",
+            "<|mask|>",
+            "--block-size",
+            "4",
+        ]
+    )
+    convert_mcore_to_hf.main(["--load", str(ckpt), "--save", str(export), "--dtype", "fp32"])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "the mask token"}) + "\n" + "blocks decode\n")
+    out = generate_tool.main(
+        ["--hf-dir", str(export), "--prompts-file", str(prompts), "--max-new-tokens", "8", "--tau", "0.5",
+         "--json-out", str(tmp_path / "out.json")]
+    )  # fmt: skip
+    summary = json.loads((tmp_path / "out.json").read_text())["summary"]
+    assert summary["block_size"] == 4 and summary["tokens_per_forward"] >= 1.0
+    assert len(out["completions"]) == 2 and all(rows not in t for t in out["tokens"])  # never the mask
+    ar = generate_tool.main(
+        ["--hf-dir", str(export), "--prompt", "blocks", "--mode", "ar", "--max-new-tokens", "5"]
+    )
+    assert ar["summary"]["tokens_per_forward"] == 1.0
+    with pytest.raises(SystemExit, match="not an SDAR export"):
+        generate_tool.main(["--hf-dir", str(src), "--prompt", "blocks"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt field"}\n')
+    with pytest.raises(SystemExit, match="bad.jsonl:1"):
+        generate_tool.main(["--hf-dir", str(export), "--prompts-file", str(bad)])

@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Generate with an HF SDAR export (block diffusion) or any Qwen3/Llama HF model (AR), on CPU or GPU.
+
+    python tools/generate.py --hf-dir hf/qwen3-sdar --prompt "Explain RoPE." --chat
+    python tools/generate.py --hf-dir hf/qwen3-sdar --prompts-file prompts.jsonl --strategy \\
+        low_confidence_dynamic --tau 0.9 --max-new-tokens 256 --json-out out.json
+    python tools/generate.py --hf-dir hf/qwen3 --mode ar --prompt "Hello"
+
+Block size and mask token come from the export's config (``block_size``, ``mask_token_id``) unless
+given. Prints each completion and the accounting: tokens per forward (TPF), forwards per block and
+tokens per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+warnings.filterwarnings("ignore", category=UserWarning)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_sdar.inference.strategies import STRATEGIES
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hf-dir", required=True, help="HF folder (SDAR export, or a plain model for --mode ar)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="text file (one prompt per line) or JSONL with a 'prompt' field")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    p.add_argument("--mode", choices=("sdar", "ar"), default="sdar")
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--mask-token-id", type=int, default=None)
+    p.add_argument("--strategy", choices=STRATEGIES, default="low_confidence_dynamic")
+    p.add_argument("--steps", type=int, default=None, help="static schedule length (default: block size)")
+    p.add_argument("--tau", type=float, default=0.9, help="confidence threshold (dynamic)")
+    p.add_argument("--min-per-step", type=int, default=1)
+    p.add_argument("--entropy-bound", type=float, default=0.5)
+    p.add_argument("--clean-attention", choices=("block_causal", "causal"), default="block_causal")
+    p.add_argument("--no-fold-commit", action="store_true", help="write each block's cache with its own pass")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--stop", action="append", default=None, help="stop token (string or id; default: eos)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if _cuda() else "fp32")
+    p.add_argument("--json-out", help="write completions and accounting here")
+    return p
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                line = line.rstrip("\n")
+                if not line.strip():
+                    continue
+                if line.lstrip().startswith("{"):
+                    try:
+                        prompts.append(json.loads(line)["prompt"])
+                    except (json.JSONDecodeError, KeyError) as err:
+                        raise SystemExit(
+                            f"error: {args.prompts_file}:{n}: expected a JSON object with 'prompt' ({err})"
+                        ) from None
+                else:
+                    prompts.append(line)
+    if not prompts:
+        raise SystemExit("error: no prompts: pass --prompt or --prompts-file")
+    return prompts
+
+
+def stop_ids(tokenizer, values: list[str] | None) -> tuple[int, ...]:
+    if not values:
+        eos = tokenizer.eos_token_id
+        return tuple(eos if isinstance(eos, list) else [eos]) if eos is not None else ()
+    ids = []
+    for v in values:
+        if v.isdigit():
+            ids.append(int(v))
+        else:
+            token_id = tokenizer.convert_tokens_to_ids(v)
+            if token_id is None or token_id == tokenizer.unk_token_id:
+                raise SystemExit(f"error: stop token {v!r} is not in the tokenizer")
+            ids.append(token_id)
+    return tuple(ids)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    import torch
+    from transformers import AutoTokenizer
+
+    from megatron_sdar.inference import (
+        HFBackend,
+        SamplingConfig,
+        StrategyConfig,
+        generate_ar,
+        generate_block_diffusion,
+        load_hf_model,
+    )
+
+    try:
+        model, sdar = load_hf_model(args.hf_dir, getattr(torch, DTYPES[args.dtype]), args.device)
+        tokenizer = AutoTokenizer.from_pretrained(args.hf_dir, local_files_only=True)
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+        strategy = StrategyConfig(args.strategy, args.steps, args.tau, args.min_per_step, args.entropy_bound)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    texts = read_prompts(args)
+    if args.chat:
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
+            )
+            for t in texts
+        ]
+    prompts = [tokenizer(t, add_special_tokens=not args.chat).input_ids for t in texts]
+    stops = stop_ids(tokenizer, args.stop)
+    backend = HFBackend(model)
+    if args.mode == "ar":
+        result = generate_ar(
+            backend, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_token_ids=stops,
+            seed=args.seed, mask_token_id=sdar.get("mask_token_id"),
+        )  # fmt: skip
+    else:
+        block = args.block_size or sdar.get("block_size")
+        mask = args.mask_token_id if args.mask_token_id is not None else sdar.get("mask_token_id")
+        if block is None or mask is None:
+            raise SystemExit(
+                f"error: {args.hf_dir} is not an SDAR export (no block_size/mask_token_id in config.json); "
+                "pass --block-size and --mask-token-id, or --mode ar"
+            )
+        try:
+            result = generate_block_diffusion(
+                backend, prompts, block_size=block, mask_token_id=mask, max_new_tokens=args.max_new_tokens,
+                strategy=strategy, sampling=sampling, stop_token_ids=stops, seed=args.seed,
+                fold_commit=not args.no_fold_commit, clean_attention=args.clean_attention,
+            )  # fmt: skip
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+    completions = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
+    for text, completion in zip(texts, completions):
+        print(f"### prompt\n{text}\n### completion\n{completion}\n")
+    summary = {"mode": args.mode, **result.summary()}
+    if args.mode == "sdar":
+        summary.update(block_size=block, strategy=args.strategy, tau=args.tau)
+    print(json.dumps(summary))
+    out = {"summary": summary, "completions": completions, "tokens": result.tokens}
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main()
