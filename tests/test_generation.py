@@ -11,6 +11,7 @@ from megatron_sdar.config import SDARConfig
 from megatron_sdar.conversion import AttentionShape, hf_to_mcore_state_dict
 from megatron_sdar.inference import (
     HFBackend,
+    MegatronBackend,
     SamplingConfig,
     StrategyConfig,
     generate_ar,
@@ -32,19 +33,29 @@ def qwen3():
     return model, cfg
 
 
-def test_denoising_logits_equal_the_training_models(qwen3, megatron_world):
-    """Prefill two clean blocks, then one denoising forward over a partly masked third block: the
-    logits equal the SDAR training model's noised-half logits for that block."""
+@pytest.fixture(scope="module")
+def megatron_qwen3(qwen3):
+    """The same weights in the Megatron SDAR model (TP=1)."""
+    from tests.helpers import init_megatron
+
+    init_megatron()
     hf, cfg = qwen3
     shape = AttentionShape(HEADS, KV, HEAD_DIM)
     sdar = SDARConfig(block_size=B, mask_token_id=MASK)
     model = tiny_model(
-        sdar, vocab_size=VOCAB, seq_length=12, tied=False, num_layers=LAYERS, hidden_size=HIDDEN,
+        sdar, vocab_size=VOCAB, seq_length=32, tied=False, num_layers=LAYERS, hidden_size=HIDDEN,
         num_attention_heads=HEADS, num_query_groups=KV, kv_channels=HEAD_DIM, ffn_hidden_size=FFN,
         qk_layernorm=True, rotary_base=cfg.rope_parameters["rope_theta"],
     )  # fmt: skip
     model.load_state_dict(hf_to_mcore_state_dict(hf.state_dict(), shape, LAYERS, False), strict=False)
-    model.eval()
+    return model.eval()
+
+
+def test_denoising_logits_equal_the_training_models(qwen3, megatron_qwen3):
+    """Prefill two clean blocks, then one denoising forward over a partly masked third block: the
+    logits equal the SDAR training model's noised-half logits for that block."""
+    hf, cfg = qwen3
+    model = megatron_qwen3
     clean = torch.randint(0, VOCAB - 1, (1, 12), generator=torch.Generator().manual_seed(3))
     noised = clean.clone()
     noised[0, [8, 10, 11]] = MASK
@@ -52,6 +63,7 @@ def test_denoising_logits_equal_the_training_models(qwen3, megatron_world):
     with torch.no_grad():
         expected = model(torch.cat([noised, clean], -1), sdar_position_ids(doc_ids, False),
                          make_layout(doc_ids, B, "document"))[0, 8:12]  # fmt: skip
+    megatron = MegatronBackend(model, VOCAB)
 
     backend = HFBackend(hf)
     backend.reset(1)
@@ -63,6 +75,24 @@ def test_denoising_logits_equal_the_training_models(qwen3, megatron_world):
                           torch.ones(1, 4, dtype=torch.bool))[0]  # fmt: skip
     assert backend.cache_length == 8  # the denoising forward wrote nothing
     assert (got - expected).abs().max().item() <= 1e-4
+    megatron.reset(1)
+    megatron.forward(clean[:, :8], pos[:, :8], prefix_mask, torch.ones(1, 8, dtype=torch.bool), write=8)
+    same = megatron.forward(noised[:, 8:], pos[:, 8:], torch.ones(1, 4, 4, dtype=torch.bool),
+                            torch.ones(1, 4, dtype=torch.bool))[0]  # fmt: skip
+    assert (same - expected).abs().max().item() <= 1e-4
+
+
+def test_megatron_and_hf_back_ends_decode_the_same_tokens(qwen3, megatron_qwen3):
+    hf, _ = qwen3
+    prompts = [[5, 17, 3], [9, 44, 2, 71, 8, 8, 1]]
+    for strategy in (StrategyConfig(tau=0.5), StrategyConfig("entropy_bounded", entropy_bound=2.0)):
+        kw = dict(block_size=B, mask_token_id=MASK, max_new_tokens=10, strategy=strategy)
+        a = generate_block_diffusion(HFBackend(hf), prompts, **kw)
+        b = generate_block_diffusion(MegatronBackend(megatron_qwen3, VOCAB), prompts, **kw)
+        assert a.tokens == b.tokens and a.denoise_forwards == b.denoise_forwards
+    ar_a = generate_ar(HFBackend(hf), prompts, max_new_tokens=8)
+    ar_b = generate_ar(MegatronBackend(megatron_qwen3, VOCAB), prompts, max_new_tokens=8)
+    assert ar_a.tokens == ar_b.tokens
 
 
 def test_ar_decoding_matches_transformers_generate(qwen3):
