@@ -256,7 +256,7 @@ def test_generate_tool_on_an_sdar_export(tmp_path):
         ["--hf-dir", str(export), "--prompt", "blocks", "--mode", "ar", "--max-new-tokens", "5"]
     )
     assert ar["summary"]["tokens_per_forward"] == 1.0
-    with pytest.raises(SystemExit, match="not an SDAR export"):
+    with pytest.raises(SystemExit, match="records no SDAR block size"):
         generate_tool.main(["--hf-dir", str(src), "--prompt", "blocks"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "no prompt field"}\n')

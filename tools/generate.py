@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Generate with an HF SDAR export (block diffusion) or any Qwen3/Llama HF model (AR), on CPU or GPU.
+"""Generate with an SDAR model (block diffusion) or a Qwen3/Llama model (AR), on CPU or GPU, from an
+HF folder or directly from a Megatron checkpoint.
 
     python tools/generate.py --hf-dir hf/qwen3-sdar --prompt "Explain RoPE." --chat
+    torchrun --nproc-per-node 2 tools/generate.py --load runs/qwen3-sdar-sft --prompt "Explain RoPE."
     python tools/generate.py --hf-dir hf/qwen3-sdar --prompts-file prompts.jsonl --strategy \\
         low_confidence_dynamic --tau 0.9 --max-new-tokens 256 --json-out out.json
     python tools/generate.py --hf-dir hf/qwen3 --mode ar --prompt "Hello"
 
-Block size and mask token come from the export's config (``block_size``, ``mask_token_id``) unless
-given. Prints each completion and the accounting: tokens per forward (TPF), forwards per block and
-tokens per second.
+Block size and mask token come from the export's config (``block_size``, ``mask_token_id``) or the
+checkpoint's recorded architecture unless given; both back ends decode the same tokens. Prints each
+completion and the accounting: tokens per forward (TPF), forwards per block and tokens per second.
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_sdar.inference.strategies import STRATEGIES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hf-dir", required=True, help="HF folder (SDAR export, or a plain model for --mode ar)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf-dir", help="HF folder (SDAR export, or a plain model for --mode ar)")
+    source.add_argument("--load", help="Megatron checkpoint folder (converted or written by training); "
+                                       "under torchrun, tensor parallel over all ranks")  # fmt: skip
+    p.add_argument("--iteration", default=None, help="checkpoint iteration or 'release' (default: latest)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: found with the model)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="text file (one prompt per line) or JSONL with a 'prompt' field")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
@@ -106,18 +113,30 @@ def main(argv: list[str] | None = None) -> dict:
 
     from megatron_sdar.inference import (
         HFBackend,
+        MegatronBackend,
         SamplingConfig,
         StrategyConfig,
         generate_ar,
         generate_block_diffusion,
         load_hf_model,
     )
+    from megatron_sdar.inference.loading import load_megatron_model
 
+    dtype = getattr(torch, DTYPES[args.dtype])
     try:
-        model, sdar = load_hf_model(args.hf_dir, getattr(torch, DTYPES[args.dtype]), args.device)
-        tokenizer = AutoTokenizer.from_pretrained(args.hf_dir, local_files_only=True)
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
         strategy = StrategyConfig(args.strategy, args.steps, args.tau, args.min_per_step, args.entropy_bound)
+        if args.load:
+            model, arch, tokenizer_dir = load_megatron_model(args.load, args.iteration, args.device, dtype)
+            backend = MegatronBackend(model, arch.vocab_size)
+            sdar = {"block_size": arch.block_size, "mask_token_id": arch.mask_token_id}
+        else:
+            model, sdar = load_hf_model(args.hf_dir, dtype, args.device)
+            backend, tokenizer_dir = HFBackend(model), args.hf_dir
+        tokenizer_dir = args.tokenizer or tokenizer_dir
+        if tokenizer_dir is None:
+            raise ValueError(f"no tokenizer found with {args.load}; pass --tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     except (OSError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     texts = read_prompts(args)
@@ -130,7 +149,6 @@ def main(argv: list[str] | None = None) -> dict:
         ]
     prompts = [tokenizer(t, add_special_tokens=not args.chat).input_ids for t in texts]
     stops = stop_ids(tokenizer, args.stop)
-    backend = HFBackend(model)
     if args.mode == "ar":
         result = generate_ar(
             backend, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_token_ids=stops,
@@ -141,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         mask = args.mask_token_id if args.mask_token_id is not None else sdar.get("mask_token_id")
         if block is None or mask is None:
             raise SystemExit(
-                f"error: {args.hf_dir} is not an SDAR export (no block_size/mask_token_id in config.json); "
+                f"error: {args.hf_dir or args.load} records no SDAR block size / mask token id; "
                 "pass --block-size and --mask-token-id, or --mode ar"
             )
         try:
@@ -153,13 +171,15 @@ def main(argv: list[str] | None = None) -> dict:
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
     completions = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
-    for text, completion in zip(texts, completions):
-        print(f"### prompt\n{text}\n### completion\n{completion}\n")
-    summary = {"mode": args.mode, **result.summary()}
+    summary = {"mode": args.mode, "backend": "megatron" if args.load else "hf", **result.summary()}
     if args.mode == "sdar":
         summary.update(block_size=block, strategy=args.strategy, tau=args.tau)
-    print(json.dumps(summary))
     out = {"summary": summary, "completions": completions, "tokens": result.tokens}
+    if int(os.environ.get("RANK", "0")) != 0:  # tensor-parallel ranks all decode; one reports
+        return out
+    for text, completion in zip(texts, completions):
+        print(f"### prompt\n{text}\n### completion\n{completion}\n")
+    print(json.dumps(summary))
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(out, f, indent=2)

@@ -1,0 +1,105 @@
+"""Loading Megatron checkpoints (converted or written by training) for generation."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from megatron_sdar.hf_checkpoint import ARCHITECTURE_FILE, Architecture, architecture_from_megatron_args
+
+
+def resolve_checkpoint(load: str, iteration: str | None = None) -> str:
+    """The ``release`` or ``iter_*`` directory of a Megatron checkpoint folder."""
+    tracker = os.path.join(load, "latest_checkpointed_iteration.txt")
+    if iteration is None:
+        if not os.path.isfile(tracker):
+            raise ValueError(f"{tracker} not found: pass a Megatron checkpoint directory")
+        with open(tracker) as f:
+            iteration = f.read().strip()
+    name = "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+    path = os.path.join(load, name)
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise ValueError(f"{path} is not a torch_dist checkpoint (no metadata.json)")
+    return path
+
+
+def checkpoint_architecture(load: str, path: str, vocab_size: int | None = None) -> tuple[Architecture, Any]:
+    """``(architecture, stored Megatron args or None)``: from ``sdar_architecture.json`` when the
+    converter wrote one, else from the arguments a training run stored in the checkpoint."""
+    recorded = os.path.join(load, ARCHITECTURE_FILE)
+    if os.path.isfile(recorded):
+        with open(recorded) as f:
+            arch = Architecture(**json.load(f)["architecture"])
+        if vocab_size is not None:
+            arch.vocab_size = vocab_size
+        return arch, None
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    saved = load_common_state_dict(path).get("args")
+    if saved is None:
+        raise ValueError(f"{recorded} not found and {path} stores no Megatron arguments")
+    return architecture_from_megatron_args(saved, vocab_size), saved
+
+
+def _init_world() -> int:
+    """Join the launcher's world (torchrun) or make a one-process one; tensor parallel = world size."""
+    from megatron.core import parallel_state
+
+    from megatron_sdar.parallel import ensure_single_process_world
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        ensure_single_process_world()
+        return 1
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    return world
+
+
+def load_megatron_model(
+    load: str, iteration: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[Any, Architecture, str | None]:
+    """``(SDAR model, architecture, tokenizer directory)`` with tensor parallelism over the world."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_sdar.config import SDARConfig
+    from megatron_sdar.hf_checkpoint import moe_config
+    from megatron_sdar.model import build_sdar_model, qwen3_transformer_config
+
+    path = resolve_checkpoint(load, iteration)
+    arch, saved = checkpoint_architecture(load, path)
+    tp = _init_world()
+    if arch.num_attention_heads % tp or arch.num_query_groups % tp:
+        raise ValueError(
+            f"{arch.num_attention_heads} heads / {arch.num_query_groups} groups do not split over TP={tp}"
+        )
+    if device == "cuda" or str(device).startswith("cuda"):
+        model_parallel_cuda_manual_seed(0)
+    config = qwen3_transformer_config(
+        num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads, num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels, layernorm_epsilon=arch.norm_epsilon, qk_layernorm=arch.qk_layernorm,
+        tensor_model_parallel_size=tp, params_dtype=dtype, use_cpu_initialization=True,
+        perform_initialization=False, **moe_config(arch, "alltoall" if tp > 1 else "allgather"),
+    )  # fmt: skip
+    sdar = SDARConfig(block_size=arch.block_size or 4, mask_token_id=arch.mask_token_id or 0)
+    model = build_sdar_model(
+        config, sdar, vocab_size=arch.padded_vocab_size, max_sequence_length=arch.max_position_embeddings,
+        share_embeddings_and_output_weights=arch.tied_embeddings, rotary_base=arch.rotary_base,
+    ).to(device=device, dtype=dtype)  # fmt: skip
+    state = dist_checkpointing.load(model.sharded_state_dict(), path, strict="assume_ok_unexpected")
+    model.load_state_dict(state, strict=False)
+    tokenizer = os.path.join(load, "tokenizer")
+    if not os.path.isdir(tokenizer):
+        tokenizer = getattr(saved, "tokenizer_model", None) if saved is not None else None
+        tokenizer = tokenizer if tokenizer and os.path.isdir(tokenizer) else None
+    return model.eval(), arch, tokenizer
