@@ -262,3 +262,46 @@ def test_generate_tool_on_an_sdar_export(tmp_path):
     bad.write_text('{"text": "no prompt field"}\n')
     with pytest.raises(SystemExit, match="bad.jsonl:1"):
         generate_tool.main(["--hf-dir", str(export), "--prompts-file", str(bad)])
+
+
+def test_generate_from_megatron_at_tp2(tmp_path):
+    """Two gloo ranks decode the checkpoint tensor-parallel and produce the TP=1 tokens."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers import free_port
+    from tests.test_convert_tool import _tokenizer_and_model
+    from tools import convert_hf_to_mcore
+    from tools import generate as generate_tool
+
+    src, _, _ = _tokenizer_and_model(tmp_path)
+    ckpt = tmp_path / "ckpt"
+    convert_hf_to_mcore.main(
+        [
+            "--hf-dir",
+            str(src),
+            "--save",
+            str(ckpt),
+            "--dtype",
+            "fp32",
+            "--mask-token",
+            "<|mask|>",
+            "--block-size",
+            "4",
+        ]
+    )
+    flags = ["--load", str(ckpt), "--prompt", "the mask token", "--prompt", "blocks", "--max-new-tokens", "8"]
+    single = generate_tool.main([*flags, "--tau", "0.5"])
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(free_port()), str(root / "tools" / "generate.py"), *flags, "--tau", "0.5",
+         "--json-out", str(tmp_path / "tp2.json")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((tmp_path / "tp2.json").read_text())["tokens"] == single["tokens"]

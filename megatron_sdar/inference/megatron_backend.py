@@ -63,8 +63,6 @@ class MegatronBackend:
         write: int = 0,
     ) -> torch.Tensor:
         """Logits ``[b, n, vocab]`` (full vocabulary on every rank); see :meth:`HFBackend.forward`."""
-        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
         b, n = tokens.shape
         model = self.model
         hidden = model.embedding(input_ids=tokens, position_ids=None)  # [n, b, h]
@@ -97,5 +95,17 @@ class MegatronBackend:
             model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
         )
         logits, _ = model.output_layer(hidden, weight=weight)
-        logits = gather_from_tensor_model_parallel_region(logits)
-        return logits.transpose(0, 1)
+        return _gather_vocab(logits).transpose(0, 1)
+
+
+def _gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+    """Concatenate the tensor-parallel ranks' vocabulary shards (on whatever device they live)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    world = torch.distributed.get_world_size(group)
+    if world == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(world)]
+    torch.distributed.all_gather(parts, logits.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
