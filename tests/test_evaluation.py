@@ -70,3 +70,48 @@ def test_next_token_nll_matches_transformers(qwen3):  # noqa: F811
     with torch.no_grad():
         expected = hf(windows, labels=windows).loss.item()
     assert abs(got["nll"] - expected) < 1e-4
+
+
+def test_evaluate_tool(tmp_path):
+    """tools/evaluate.py on an SDAR export: a table row per decoding setting and the text bound."""
+    from tests.test_convert_tool import _tokenizer_and_model
+    from tools import convert_hf_to_mcore, convert_mcore_to_hf
+    from tools import evaluate as evaluate_tool
+
+    src, _, _ = _tokenizer_and_model(tmp_path)
+    ckpt, export = tmp_path / "ckpt", tmp_path / "sdar"
+    convert_hf_to_mcore.main(
+        [
+            "--hf-dir",
+            str(src),
+            "--save",
+            str(ckpt),
+            "--dtype",
+            "fp32",
+            "--mask-token",
+            "<|mask|>",
+            "--block-size",
+            "4",
+        ]
+    )
+    convert_mcore_to_hf.main(["--load", str(ckpt), "--save", str(export), "--dtype", "fp32"])
+    math = tmp_path / "gsm.jsonl"
+    math.write_text(
+        "".join(json.dumps({"question": f"the mask {i}", "answer": f"#### {i}"}) + "\n" for i in range(3))
+    )
+    text = tmp_path / "text.txt"
+    text.write_text("the mask token is new\nblocks decode in parallel\n" * 20)
+    report = evaluate_tool.main(
+        ["--hf-dir", str(export), "--math", str(math), "--taus", "0.5", "1.0", "--block-sizes", "4", "8",
+         "--max-new-tokens", "8", "--batch-size", "2", "--text", str(text), "--seq-length", "16",
+         "--text-windows", "3", "--json-out", str(tmp_path / "eval.json")]
+    )  # fmt: skip
+    settings = [r["setting"] for r in report["math"]]
+    assert settings == ["B=4 tau=0.5", "B=4 tau=1.0", "B=8 tau=0.5", "B=8 tau=1.0"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["tokens_per_forward"] >= 1.0 for r in report["math"])
+    assert report["math"][1]["tokens_per_forward"] == 1.0  # tau 1: one token per forward
+    assert report["text"]["diffusion_bound"] > 0 and json.loads((tmp_path / "eval.json").read_text())["math"]
+    ar = evaluate_tool.main(
+        ["--hf-dir", str(export), "--mode", "ar", "--text", str(text), "--seq-length", "16"]
+    )
+    assert ar["text"]["nll"] > 0

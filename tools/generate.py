@@ -111,28 +111,16 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from megatron_sdar.inference import (
-        HFBackend,
-        MegatronBackend,
-        SamplingConfig,
-        StrategyConfig,
-        generate_ar,
-        generate_block_diffusion,
-        load_hf_model,
-    )
-    from megatron_sdar.inference.loading import load_megatron_model
+    from megatron_sdar.inference import SamplingConfig, StrategyConfig, generate_ar, generate_block_diffusion
+    from megatron_sdar.inference.loading import load_backend
 
     dtype = getattr(torch, DTYPES[args.dtype])
     try:
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
         strategy = StrategyConfig(args.strategy, args.steps, args.tau, args.min_per_step, args.entropy_bound)
-        if args.load:
-            model, arch, tokenizer_dir = load_megatron_model(args.load, args.iteration, args.device, dtype)
-            backend = MegatronBackend(model, arch.vocab_size)
-            sdar = {"block_size": arch.block_size, "mask_token_id": arch.mask_token_id}
-        else:
-            model, sdar = load_hf_model(args.hf_dir, dtype, args.device)
-            backend, tokenizer_dir = HFBackend(model), args.hf_dir
+        backend, sdar, tokenizer_dir = load_backend(
+            args.hf_dir, args.load, args.iteration, args.device, dtype
+        )
         tokenizer_dir = args.tokenizer or tokenizer_dir
         if tokenizer_dir is None:
             raise ValueError(f"no tokenizer found with {args.load}; pass --tokenizer")

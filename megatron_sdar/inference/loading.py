@@ -103,3 +103,25 @@ def load_megatron_model(
         tokenizer = getattr(saved, "tokenizer_model", None) if saved is not None else None
         tokenizer = tokenizer if tokenizer and os.path.isdir(tokenizer) else None
     return model.eval(), arch, tokenizer
+
+
+def load_backend(
+    hf_dir: str | None = None,
+    load: str | None = None,
+    iteration: str | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Any, dict, str | None]:
+    """``(back end, {block_size, mask_token_id}, tokenizer directory)`` from an HF folder or a
+    Megatron checkpoint (exactly one of ``hf_dir`` and ``load``)."""
+    from megatron_sdar.inference.hf_backend import HFBackend, load_hf_model
+    from megatron_sdar.inference.megatron_backend import MegatronBackend
+
+    if (hf_dir is None) == (load is None):
+        raise ValueError("pass exactly one of an HF folder and a Megatron checkpoint")
+    if load is not None:
+        model, arch, tokenizer_dir = load_megatron_model(load, iteration, device, dtype)
+        sdar = {"block_size": arch.block_size, "mask_token_id": arch.mask_token_id}
+        return MegatronBackend(model, arch.vocab_size), sdar, tokenizer_dir
+    model, sdar = load_hf_model(hf_dir, dtype, device)
+    return HFBackend(model), sdar, hf_dir
