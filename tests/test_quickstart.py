@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, __import__("os").path.join(__import__("os").path.dirname(__file__), "..", "examples"))
 
-import quickstart  # noqa: E402
+import cpt_from_scratch as quickstart  # noqa: E402
 
 
 def test_quickstart_dry_run_command_is_valid(tmp_path, monkeypatch, megatron_world):
@@ -57,3 +57,30 @@ def test_log_parsing():
     )
     assert quickstart.parse_losses(log) == [7.5, 6.25, 5.0]
     assert quickstart.data_tokens_per_second(log, seq_length=512, global_batch_size=32) == 32 * 512 / 0.2
+
+
+def test_recipe_quickstart_tiny_end_to_end(tmp_path, monkeypatch):
+    """examples/quickstart.py --tiny: model -> Megatron (mask token added) -> SDAR CPT -> SDAR SFT on
+    gsm_symbolic -> HF SDAR export -> evaluation with static and dynamic decoding, training through
+    Megatron's loop on CPU (tests/cpu_cuda.py as the launcher)."""
+    import json
+    import os
+
+    import quickstart as recipe
+
+    from tests.helpers import free_port
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("OMP_NUM_THREADS", "1")):
+        monkeypatch.setenv(name, value)
+    launcher = f"{sys.executable} {os.path.join(root, 'tests', 'cpu_cuda.py')}"
+    result = recipe.main(["--tiny", "--workdir", str(tmp_path), "--launcher", launcher])
+    assert len(result["cpt_losses"]) == 4 and len(result["sft_losses"]) == 4
+    assert [r["setting"] for r in result["evaluation"]] == ["B=4 tau=1.0", "B=4 tau=0.9"]
+    assert result["evaluation"][0]["tokens_per_forward"] == 1.0
+    config = json.loads((tmp_path / "hf-sdar" / "config.json").read_text())
+    assert config["model_type"] == "sdar" and config["block_size"] == 4
+    assert config["mask_token_id"] == config["vocab_size"] - 1  # the added <|mask|> row
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "eval.json").exists()

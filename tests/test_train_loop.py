@@ -24,7 +24,7 @@ from tests.helpers import free_port
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 
-import quickstart  # noqa: E402
+import cpt_from_scratch as quickstart  # noqa: E402
 
 SEQ = 64
 MODEL = [

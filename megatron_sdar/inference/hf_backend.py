@@ -41,7 +41,12 @@ def load_hf_model(path: str, dtype: torch.dtype = torch.float32, device: str | t
     config_cls, model_cls = (getattr(transformers, n) for n in BASE_CLASSES[base])
     fields = {k: v for k, v in raw.items() if k not in (*SDAR_FIELDS, "architectures", "model_type")}
     config = config_cls(**fields)
-    model = model_cls.from_pretrained(path, config=config, dtype=dtype).to(device).eval()
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # it would warn that config.json says model_type "sdar"
+    try:
+        model = model_cls.from_pretrained(path, config=config, dtype=dtype).to(device).eval()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     return model, sdar
 
 
