@@ -20,6 +20,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -52,22 +53,66 @@ def with_sdar_core_attention(spec: Any, sdar: SDARConfig) -> Any:
     return spec
 
 
-def sdar_layer_spec(config: TransformerConfig, sdar: SDARConfig, use_transformer_engine: bool = False) -> Any:
+def sdar_layer_spec(
+    config: TransformerConfig,
+    sdar: SDARConfig,
+    use_transformer_engine: bool = False,
+    vp_stage: int | None = None,
+) -> Any:
     """Megatron's GPT layer spec for ``config`` (dense; MoE through the decoder-block spec) with SDAR
-    core attention."""
+    core attention. With sequence parallelism on the local spec and no Apex, the norms are
+    :class:`~megatron_sdar.norms.SequenceParallelTorchNorm` (Megatron's torch norm refuses it)."""
     if config.num_moe_experts:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
         base = get_gpt_decoder_block_spec(
-            config, use_transformer_engine=use_transformer_engine, normalization=config.normalization
-        )
+            config, use_transformer_engine=use_transformer_engine, normalization=config.normalization,
+            vp_stage=vp_stage,
+        )  # fmt: skip
     elif use_transformer_engine:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         base = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     else:
         base = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
-    return with_sdar_core_attention(base, sdar)
+    spec = with_sdar_core_attention(base, sdar)
+    if config.sequence_parallel and not use_transformer_engine and not _have_apex():
+        spec = _with_sequence_parallel_norms(config, spec, vp_stage)
+    return spec
+
+
+def _have_apex() -> bool:
+    try:
+        import apex  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _with_sequence_parallel_norms(config: TransformerConfig, spec: Any, vp_stage: int | None) -> Any:
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    from megatron_sdar.norms import SequenceParallelTorchNorm as Norm
+
+    if isinstance(spec, ModuleSpec) and isinstance(spec.submodules, TransformerBlockSubmodules):
+        spec = spec.submodules
+    if isinstance(spec, TransformerBlockSubmodules):
+        layers = spec.layer_specs
+    else:
+        layers = [spec] * get_num_layers_to_build(config, vp_stage)
+    patched = []
+    for layer in layers:
+        layer = copy.deepcopy(layer)
+        subs = layer.submodules
+        for name in ("input_layernorm", "pre_mlp_layernorm"):
+            if getattr(subs, name, None) not in (None, IdentityOp):
+                setattr(subs, name, Norm)
+        attn = getattr(subs.self_attention, "submodules", None)
+        for name in ("q_layernorm", "k_layernorm"):
+            if getattr(attn, name, None) not in (None, IdentityOp):
+                setattr(attn, name, Norm)
+        patched.append(layer)
+    return TransformerBlockSubmodules(layer_specs=patched, layer_norm=Norm)
 
 
 class SDARModel(GPTModel):
@@ -90,10 +135,6 @@ class SDARModel(GPTModel):
         rotary_percent: float = 1.0,
         **kwargs: Any,
     ) -> None:
-        if config.sequence_parallel:
-            raise ValueError(
-                "SDAR's noised-half output layer does not support --sequence-parallel yet; drop the flag"
-            )
         if kwargs.pop("position_embedding_type", "rope") != "rope":
             raise ValueError("the SDAR model uses rotary position embeddings only")
         # The parent builds no rotary module: positions come from explicit ids (PositionRotaryEmbedding).
@@ -132,12 +173,29 @@ class SDARModel(GPTModel):
         return self.noised_half_output(hidden, labels)
 
     def noised_half_output(self, hidden: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """Output layer and loss on the noised half ``hidden[:L]`` only."""
-        seq_len = hidden.shape[0] // 2
+        """Output layer and loss on the noised half ``hidden[:L]`` only.
+
+        Under sequence parallelism each rank holds ``2L / tp`` consecutive positions, so the noised
+        half spans only some ranks: the sequence is gathered, its first half re-split evenly, and the
+        (sequence-parallel) output layer gathers that half again as usual. Gradients flow back through
+        the split (the gathered copy's gradient is identical on every rank).
+        """
         output_weight = (
             self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         )
-        logits, _ = self.output_layer(hidden[:seq_len], weight=output_weight)  # [L, b, v/tp]
+        if self.config.sequence_parallel:
+            from megatron.core.tensor_parallel import (
+                gather_from_sequence_parallel_region,
+                scatter_to_sequence_parallel_region,
+            )
+
+            full = gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False, group=self.tp_group
+            )
+            noised = scatter_to_sequence_parallel_region(full[: full.shape[0] // 2], group=self.tp_group)
+        else:
+            noised = hidden[: hidden.shape[0] // 2]
+        logits, _ = self.output_layer(noised, weight=output_weight)  # [L, b, v/tp]
         if labels is None:
             return logits.transpose(0, 1).contiguous()
         ce = self.compute_language_model_loss(labels, logits)  # [b, L]
@@ -217,7 +275,7 @@ def build_sdar_model(
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     return SDARModel(
         config=config,
-        transformer_layer_spec=sdar_layer_spec(config, sdar_config, use_transformer_engine),
+        transformer_layer_spec=sdar_layer_spec(config, sdar_config, use_transformer_engine, vp_stage),
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length,
         sdar_config=sdar_config,

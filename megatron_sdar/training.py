@@ -122,8 +122,10 @@ def validate_sdar_args(args: argparse.Namespace, vocab_size: int | None = None, 
     problems = []
     if args.context_parallel_size > 1:
         problems.append("context parallelism is not supported yet: use --context-parallel-size 1")
-    if getattr(args, "sequence_parallel", False) and args.sdar_objective == "sdar":
-        problems.append("--sequence-parallel is not supported by the SDAR output layer yet: drop it")
+    tp = getattr(args, "tensor_model_parallel_size", 1)
+    if getattr(args, "sequence_parallel", False) and args.seq_length % tp:
+        problems.append(f"--sequence-parallel splits the window over TP={tp}, but --seq-length "
+                        f"{args.seq_length} is not a multiple of it")  # fmt: skip
     if args.position_embedding_type != "rope":
         problems.append(f"SDAR models use RoPE: pass --position-embedding-type rope "
                         f"(got {args.position_embedding_type})")  # fmt: skip
@@ -307,7 +309,9 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         return GPTModel(transformer_layer_spec=spec, position_embedding_type="rope", **common)
     sdar = sdar_config_from_args(args)
     return SDARModel(
-        transformer_layer_spec=sdar_layer_spec(transformer_config, sdar, use_te), sdar_config=sdar, **common
+        transformer_layer_spec=sdar_layer_spec(transformer_config, sdar, use_te, vp_stage),
+        sdar_config=sdar,
+        **common,
     )
 
 

@@ -93,6 +93,15 @@ class _Stream:
         return None
 
 
+def _cpu_factory(factory):
+    def make(*args, **kwargs):
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+
+    return make
+
+
 _MODE: _CpuDevices | None = None
 
 
@@ -150,6 +159,21 @@ def install() -> None:
     cuda.nvtx.range_push = none()
     cuda.nvtx.range_pop = none()
     cuda.is_current_stream_capturing = const(False)
+    # Torch-function modes are not active inside autograd's backward, where Megatron's collectives
+    # also allocate on the current device: redirect the factory functions themselves too.
+    for name in (
+        "empty",
+        "zeros",
+        "ones",
+        "full",
+        "tensor",
+        "arange",
+        "rand",
+        "randn",
+        "randint",
+        "empty_strided",
+    ):
+        setattr(torch, name, _cpu_factory(getattr(torch, name)))
     torch.accelerator.current_device_index = const(0)
     torch.accelerator.set_device_index = none()
     import torch.utils.data._utils.pin_memory as pin

@@ -122,8 +122,16 @@ def run(args) -> int:
     from tests.cpu_shims import install_cpu_schedule_shims
     from tests.helpers import init_megatron, tiny_model
 
+    if args.sp:  # Megatron's sequence-parallel collectives allocate on the current CUDA device
+        from tests import cpu_cuda
+
+        cpu_cuda.install()
     init_megatron(tp=args.tp, pp=args.pp, rank=args.rank, world_size=args.world_size, port=args.port)
     install_cpu_schedule_shims()
+    if args.sp:
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(0)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
 
@@ -141,6 +149,7 @@ def run(args) -> int:
         num_layers=NUM_LAYERS,
         pipeline_dtype=torch.float32,
         calculate_per_token_loss=True,
+        sequence_parallel=args.sp and args.phase == "par",
     )
     layer_offset = pp_rank * (NUM_LAYERS // args.pp)
 
@@ -185,7 +194,10 @@ def run(args) -> int:
     loss_sum, total_tokens = stats.tolist()
     tp_group = parallel_state.get_tensor_model_parallel_group()
     for name, param in model.named_parameters():
-        if args.tp > 1 and ("q_layernorm" in name or "k_layernorm" in name):
+        # (and with sequence parallelism every norm weight sees only its rank's positions)
+        if args.tp > 1 and (
+            "q_layernorm" in name or "k_layernorm" in name or getattr(param, "sequence_parallel", False)
+        ):
             torch.distributed.all_reduce(param.grad, group=tp_group)
         if dp_size > 1:
             torch.distributed.all_reduce(param.grad, group=dp_group)
@@ -234,6 +246,7 @@ def main() -> None:
     parser.add_argument("--world-size", type=int, default=1)
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--tied", action="store_true")
+    parser.add_argument("--sp", action="store_true", help="sequence parallelism (par phase)")
     parser.add_argument("--clean-attention", default="block_causal")
     parser.add_argument("--loss-normalizer", default="eligible")
     args = parser.parse_args()

@@ -63,6 +63,8 @@ def _run_parallel(path: Path, tp: int, pp: int, extra: list[str], world: int = 2
 CASES = {
     "tp2": (2, 1, []),
     "tp2-tied-causal-clean": (2, 1, ["--tied", "--clean-attention", "causal"]),
+    "tp2-sequence-parallel": (2, 1, ["--sp"]),
+    "tp2-sequence-parallel-tied": (2, 1, ["--sp", "--tied"]),
     "pp2": (1, 2, []),
     "dp2-masked-normalizer": (1, 1, ["--loss-normalizer", "masked"]),
 }

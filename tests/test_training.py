@@ -45,7 +45,7 @@ def test_defaults_are_valid(monkeypatch):
         (["--sdar-mask-token-id", "500"], 128, None, "outside the vocabulary"),
         ([], 128, {"end-of-document": 99}, "end-of-document token"),
         (["--context-parallel-size", "2"], 128, None, "context parallelism"),
-        (["--sequence-parallel"], 128, None, "--sequence-parallel"),
+        (["--sequence-parallel", "--tensor-model-parallel-size", "3"], 128, None, "not a multiple of it"),
         (["--position-embedding-type", "learned_absolute"], 128, None, "--position-embedding-type rope"),
         (["--transformer-impl", "transformer_engine"], 128, None, "Transformer Engine is not installed"),
         (["--attention-dropout", "0.1"], 128, None, "--attention-dropout 0"),
