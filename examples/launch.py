@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""Launch SDAR CPT/SFT for the Qwen3 family with a recommended parallel layout, or print the command.
+
+    python examples/launch.py --model qwen3-8b --stage cpt --nodes 2 --dry-run \\
+        --init-from ckpt/qwen3-8b --data-path data/corpus_text_document --save runs/qwen3-8b-cpt
+    python examples/launch.py --model qwen3-30b-a3b --stage sft --nodes 4 --print-args ...   # for sbatch
+
+The recipe follows the paper: CPT with block size 4 on 4096-token windows, SFT on packed chat
+windows (block size 4 by default; 4-64 supported). Each model has a layout per node count (tensor,
+pipeline, expert parallelism, sequence parallelism, recompute) and the per-GPU memory Megatron's
+theoretical estimator gives for it (weights, optimizer, activations over the 2L processed tokens).
+
+Resume is automatic: when ``--save`` already holds a checkpoint the run continues from it (so a
+requeued SLURM job picks up where it stopped); otherwise it starts from ``--init-from`` (a
+checkpoint written by ``tools/convert_hf_to_mcore.py``) with ``--finetune``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QWEN3_COMMON = [
+    "--group-query-attention", "--kv-channels", "128", "--normalization", "RMSNorm",
+    "--norm-epsilon", "1e-06", "--swiglu", "--disable-bias-linear", "--position-embedding-type", "rope",
+    "--rotary-base", "1000000", "--qk-layernorm", "--attention-dropout", "0", "--hidden-dropout", "0",
+    "--max-position-embeddings", "40960",
+]  # fmt: skip
+MODELS = {
+    "qwen3-1.7b": dict(
+        arch=["--num-layers", "28", "--hidden-size", "2048", "--num-attention-heads", "16",
+              "--num-query-groups", "8", "--ffn-hidden-size", "6144"],
+        layouts={1: dict(tp=1, pp=1, ep=1, mbs=2)}, tied=True,
+    ),
+    "qwen3-4b": dict(
+        arch=["--num-layers", "36", "--hidden-size", "2560", "--num-attention-heads", "32",
+              "--num-query-groups", "8", "--ffn-hidden-size", "9728"],
+        layouts={1: dict(tp=2, pp=1, ep=1, mbs=2)}, tied=True,
+    ),
+    "qwen3-8b": dict(
+        arch=["--num-layers", "36", "--hidden-size", "4096", "--num-attention-heads", "32",
+              "--num-query-groups", "8", "--ffn-hidden-size", "12288",
+              "--untie-embeddings-and-output-weights"],
+        layouts={1: dict(tp=4, pp=1, ep=1, mbs=1), 2: dict(tp=2, pp=1, ep=1, mbs=1)}, tied=False,
+    ),
+    "qwen3-30b-a3b": dict(
+        arch=["--num-layers", "48", "--hidden-size", "2048", "--num-attention-heads", "32",
+              "--num-query-groups", "4", "--ffn-hidden-size", "6144", "--untie-embeddings-and-output-weights",
+              "--num-experts", "128", "--moe-ffn-hidden-size", "768", "--moe-router-topk", "8",
+              "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "0.001",
+              "--moe-token-dispatcher-type", "alltoall"],
+        layouts={1: dict(tp=1, pp=2, ep=4, mbs=1), 2: dict(tp=1, pp=2, ep=8, mbs=1),
+                 4: dict(tp=1, pp=1, ep=8, mbs=1)}, tied=False,
+    ),
+}  # fmt: skip
+STAGES = {
+    "cpt": dict(seq=4096, block=4, lr=1e-5, min_lr=1e-6, gbs=256, iters=10000, decay="cosine"),
+    "sft": dict(seq=4096, block=4, lr=1e-5, min_lr=1e-5, gbs=128, iters=3000, decay="constant"),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=sorted(MODELS), required=True)
+    p.add_argument("--stage", choices=sorted(STAGES), required=True)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--init-from", help="converted checkpoint to start from (used when --save is empty)")
+    p.add_argument(
+        "--data-path", nargs="+", required=True, help="as Megatron's --data-path (weights allowed)"
+    )
+    p.add_argument("--tokenizer", help="HF tokenizer directory (default: --init-from/tokenizer)")
+    p.add_argument("--save", required=True, help="checkpoints and logs (shared storage)")
+    p.add_argument("--seq-length", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--global-batch-size", type=int, default=None)
+    p.add_argument("--train-iters", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--mask-token-id", type=int, default=151669)
+    p.add_argument("--wandb-project", default=None)
+    p.add_argument("--dry-run", action="store_true", help="print the torchrun command and memory, do not run")
+    p.add_argument("--print-args", action="store_true", help="print only pretrain_sdar.py's arguments")
+    p.add_argument("--extra", default="", help="more Megatron/SDAR flags, quoted")
+    return p.parse_args(argv)
+
+
+def layout_for(model: str, nodes: int) -> dict:
+    layouts = MODELS[model]["layouts"]
+    fitting = [n for n in layouts if n <= nodes]
+    if not fitting:
+        raise SystemExit(f"error: {model} needs at least {min(layouts)} node(s)")
+    return layouts[max(fitting)]
+
+
+def has_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt"))
+
+
+def pretrain_args(args: argparse.Namespace) -> list[str]:
+    model, stage = MODELS[args.model], STAGES[args.stage]
+    lay = layout_for(args.model, args.nodes)
+    world = args.nodes * args.gpus_per_node
+    model_parallel = lay["tp"] * lay["pp"]
+    if world % model_parallel:
+        raise SystemExit(f"error: {world} GPUs do not divide into TP x PP = {model_parallel}")
+    seq = args.seq_length or stage["seq"]
+    block = args.block_size or stage["block"]
+    if seq % block:
+        raise SystemExit(f"error: --seq-length {seq} is not a multiple of the block size {block}")
+    tokenizer = args.tokenizer or (os.path.join(args.init_from, "tokenizer") if args.init_from else None)
+    if tokenizer is None:
+        raise SystemExit("error: pass --tokenizer or --init-from (whose tokenizer/ folder is used)")
+    if has_checkpoint(args.save):
+        start = ["--load", args.save]  # resume (requeue)
+    elif args.init_from:
+        start = ["--load", args.init_from, "--finetune"]
+    else:
+        raise SystemExit(f"error: {args.save} holds no checkpoint to resume; pass --init-from")
+    iters = args.train_iters or stage["iters"]
+    out = [
+        *model["arch"], *QWEN3_COMMON,
+        "--tensor-model-parallel-size", str(lay["tp"]), "--pipeline-model-parallel-size", str(lay["pp"]),
+        "--expert-model-parallel-size", str(lay["ep"]),
+        "--seq-length", str(seq), "--micro-batch-size", str(lay["mbs"]),
+        "--global-batch-size", str(args.global_batch_size or stage["gbs"]),
+        "--train-iters", str(iters), "--lr", str(args.lr or stage["lr"]), "--min-lr", str(stage["min_lr"]),
+        "--lr-decay-style", stage["decay"], "--lr-warmup-fraction", "0.03", "--weight-decay", "0.1",
+        "--clip-grad", "1.0", "--adam-beta2", "0.95", "--bf16", "--use-distributed-optimizer",
+        "--overlap-grad-reduce", "--overlap-param-gather", "--calculate-per-token-loss",
+        "--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1",
+        "--transformer-impl", "transformer_engine",
+        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer,
+        "--data-path", *args.data_path, "--save", args.save, "--save-interval", "500",
+        "--log-interval", "10", "--tensorboard-dir", os.path.join(args.save, "tensorboard"),
+        "--exit-signal-handler", "--ckpt-format", "torch_dist",
+        "--sdar-stage", args.stage, "--sdar-block-size", str(block),
+        "--sdar-mask-token-id", str(args.mask_token_id),
+        *start,
+    ]  # fmt: skip
+    if lay["tp"] > 1:
+        out.append("--sequence-parallel")
+    if args.stage == "cpt":
+        out += ["--split", "998,2,0", "--eval-interval", "1000", "--eval-iters", "10"]
+    else:
+        out += ["--eval-iters", "0", "--eval-interval", str(iters)]
+    if args.wandb_project:
+        out += [
+            "--wandb-project",
+            args.wandb_project,
+            "--wandb-exp-name",
+            os.path.basename(args.save.rstrip("/")),
+        ]
+    return out + shlex.split(args.extra)
+
+
+def memory_estimate(args: argparse.Namespace, flags: list[str]) -> dict:
+    """Per-GPU memory (GB) on the first pipeline stage.
+
+    Weights, gradients and optimizer state come from Megatron's theoretical estimator. Activations
+    are counted for what SDAR runs, 2L tokens per sample with full recompute: each layer's stored
+    input (split by sequence parallelism), one layer's working set (Megatron's per-layer formula),
+    times the micro-batches in flight under 1F1B, plus the fp32 logits of the noised half.
+    """
+    import contextlib
+    import io
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    sys.path.insert(0, ROOT)
+    from megatron.training.arguments import parse_args as megatron_parse_args
+    from megatron.training.arguments import validate_args
+    from megatron.training.theoretical_memory_usage import compute_weight_and_optimizer_memory
+
+    import pretrain_sdar
+
+    saved = sys.argv, dict(os.environ)
+    os.environ.update(WORLD_SIZE=str(args.nodes * args.gpus_per_node), RANK="0")
+    # (sequence parallelism is accounted below; Megatron's validation of it probes the GPU)
+    sys.argv = ["pretrain_sdar.py", *[f for f in flags if f not in ("--finetune", "--sequence-parallel")]]
+    try:
+        parsed = megatron_parse_args(pretrain_sdar._extra_args)
+        parsed.padded_vocab_size = 151936
+        tp_size = parsed.tensor_model_parallel_size
+        parsed.tensor_model_parallel_size = 1  # Megatron validates TP > 1 against the local GPU
+        with contextlib.redirect_stdout(io.StringIO()):
+            validate_args(parsed, {})
+            parsed.tensor_model_parallel_size = tp_size
+            parsed.expert_tensor_parallel_size = tp_size
+            parsed.data_parallel_size //= tp_size
+            weights = compute_weight_and_optimizer_memory(parsed)
+    finally:
+        sys.argv = saved[0]
+        os.environ.clear()
+        os.environ.update(saved[1])
+    tp, pp = parsed.tensor_model_parallel_size, parsed.pipeline_model_parallel_size
+    tokens = 2 * parsed.seq_length * parsed.micro_batch_size  # [x_t ; x_0]
+    h, layers = parsed.hidden_size, parsed.num_layers // pp
+    split = tp if tp > 1 else 1  # sequence parallelism whenever TP > 1
+    stored = layers * tokens * h * 2 / split  # bf16 layer inputs kept for recompute
+    working = tokens * h * (10 + 24 / tp)  # one layer recomputed at a time
+    logits = 2 * (tokens // 2) * (parsed.padded_vocab_size / tp) * 4  # noised-half fp32 logits + grad
+    activations = (stored + working) * pp + logits
+    gb = 1024**3
+    return {"weights_and_optimizer_gb": weights / gb, "activations_gb": activations / gb,
+            "total_gb": (weights + activations) / gb}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    flags = pretrain_args(args)
+    if args.print_args:
+        print(shlex.join(flags))
+        return {"args": flags}
+    cmd = [
+        "torchrun", "--nnodes", str(args.nodes), "--nproc-per-node", str(args.gpus_per_node),
+        os.path.join(ROOT, "pretrain_sdar.py"), *flags,
+    ]  # fmt: skip
+    memory = memory_estimate(args, flags)
+    lay = layout_for(args.model, args.nodes)
+    print(f"# {args.model} {args.stage} on {args.nodes} x {args.gpus_per_node} GPUs: TP={lay['tp']} "
+          f"PP={lay['pp']} EP={lay['ep']}; estimated {memory['total_gb']:.1f} GB per GPU "
+          f"({memory['weights_and_optimizer_gb']:.1f} weights+optimizer, "
+          f"{memory['activations_gb']:.1f} activations)")  # fmt: skip
+    print(shlex.join(cmd))
+    if not args.dry_run:
+        os.execvp(cmd[0], cmd)
+    return {"command": cmd, "memory": memory}
+
+
+if __name__ == "__main__":
+    main()
