@@ -19,7 +19,7 @@ def free_port() -> int:
 
 
 def init_megatron(
-    tp: int = 1, pp: int = 1, rank: int = 0, world_size: int = 1, port: int | None = None
+    tp: int = 1, pp: int = 1, rank: int = 0, world_size: int = 1, port: int | None = None, ep: int = 1
 ) -> None:
     """Initialise torch.distributed over gloo and Megatron's model-parallel groups (idempotent)."""
     from megatron.core import parallel_state
@@ -30,7 +30,7 @@ def init_megatron(
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
         )
 
 

@@ -23,6 +23,16 @@ VOCAB = 128
 SEQ = 32
 MBS = 2
 NUM_MICROBATCHES = 4
+# The load-balancing loss is left out (coefficient 0): Megatron scales its gradient by the number of
+# micro-batches each rank runs, which differs between the single-process and data-parallel runs.
+MOE = dict(
+    num_moe_experts=4,
+    moe_router_topk=2,
+    moe_ffn_hidden_size=32,
+    moe_token_dispatcher_type="allgather",
+    moe_aux_loss_coeff=0.0,
+    moe_grouped_gemm=False,
+)
 
 
 def make_batches(sdar):
@@ -72,11 +82,15 @@ def unshard(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def global_name(name: str, layer_offset: int) -> str:
-    """A pipeline stage's local parameter name -> the name in the unsplit model."""
+def global_name(name: str, layer_offset: int, expert_offset: int = 0) -> str:
+    """A pipeline stage's (and expert-parallel rank's) local parameter name -> the unsplit model's."""
     prefix = "decoder.layers."
     if name.startswith(prefix):
         idx, rest = name[len(prefix) :].split(".", 1)
+        experts = "mlp.experts.local_experts."
+        if rest.startswith(experts):
+            e, tail = rest[len(experts) :].split(".", 1)
+            rest = f"{experts}{int(e) + expert_offset}.{tail}"
         return f"{prefix}{int(idx) + layer_offset}.{rest}"
     return name
 
@@ -122,13 +136,20 @@ def run(args) -> int:
     from tests.cpu_shims import install_cpu_schedule_shims
     from tests.helpers import init_megatron, tiny_model
 
-    if args.sp:  # Megatron's sequence-parallel collectives allocate on the current CUDA device
+    if args.sp or args.moe:  # Megatron's sequence-parallel collectives and MoE router assume CUDA
         from tests import cpu_cuda
 
         cpu_cuda.install()
-    init_megatron(tp=args.tp, pp=args.pp, rank=args.rank, world_size=args.world_size, port=args.port)
+    init_megatron(
+        tp=args.tp,
+        pp=args.pp,
+        rank=args.rank,
+        world_size=args.world_size,
+        port=args.port,
+        ep=args.ep if args.phase == "par" else 1,
+    )
     install_cpu_schedule_shims()
-    if args.sp:
+    if args.sp or args.moe:
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(0)
@@ -150,14 +171,18 @@ def run(args) -> int:
         pipeline_dtype=torch.float32,
         calculate_per_token_loss=True,
         sequence_parallel=args.sp and args.phase == "par",
+        **(MOE if args.moe else {}),
+        expert_model_parallel_size=args.ep if args.phase == "par" else 1,
     )
     layer_offset = pp_rank * (NUM_LAYERS // args.pp)
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    expert_offset = ep_rank * (MOE["num_moe_experts"] // args.ep) if args.moe else 0
 
     if args.phase == "par":
         ref = torch.load(args.ref, weights_only=True)
         with torch.no_grad():
             for name, param in model.named_parameters():
-                full = ref["weights"][global_name(name, layer_offset)]
+                full = ref["weights"][global_name(name, layer_offset, expert_offset)]
                 param.copy_(shard(name, full, tp_rank, args.tp))
 
     # Data parallelism: each DP rank takes its share of the reference micro-batches.
@@ -199,7 +224,7 @@ def run(args) -> int:
             "q_layernorm" in name or "k_layernorm" in name or getattr(param, "sequence_parallel", False)
         ):
             torch.distributed.all_reduce(param.grad, group=tp_group)
-        if dp_size > 1:
+        if dp_size > 1 and getattr(param, "allreduce", True):  # expert weights: this rank's own
             torch.distributed.all_reduce(param.grad, group=dp_group)
     grads = {name: p.grad.detach() / total_tokens for name, p in model.named_parameters()}
     loss = loss_sum / total_tokens if last else None
@@ -217,12 +242,15 @@ def run(args) -> int:
         parts = [torch.empty_like(grad) for _ in range(args.tp)]
         torch.distributed.all_gather(parts, grad.contiguous(), group=tp_group)
         full = unshard(name, parts)
-        expected = ref["grads"][global_name(name, layer_offset)]
+        expected = ref["grads"][global_name(name, layer_offset, expert_offset)]
         diff = (full - expected).abs().max().item()
         scale = expected.abs().max().item() + 1e-12
         worst = max(worst, diff / scale)
         if not torch.allclose(full, expected, rtol=1e-4, atol=1e-6):
-            failures.append(f"{global_name(name, layer_offset)}: max abs diff {diff:.3e} (scale {scale:.3e})")
+            failures.append(
+                f"{global_name(name, layer_offset, expert_offset)}: max abs diff {diff:.3e} "
+                f"(scale {scale:.3e})"
+            )
     result = {"rank": args.rank, "tp_rank": tp_rank, "pp_rank": pp_rank, "worst_rel_grad_diff": worst}
     if loss is not None:
         result["loss"] = loss
@@ -247,6 +275,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--tied", action="store_true")
     parser.add_argument("--sp", action="store_true", help="sequence parallelism (par phase)")
+    parser.add_argument("--moe", action="store_true", help="4 experts, top-2, in every layer")
+    parser.add_argument("--ep", type=int, default=1, help="expert parallelism (par phase)")
     parser.add_argument("--clean-attention", default="block_causal")
     parser.add_argument("--loss-normalizer", default="eligible")
     args = parser.parse_args()

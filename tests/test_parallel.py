@@ -65,6 +65,7 @@ CASES = {
     "tp2-tied-causal-clean": (2, 1, ["--tied", "--clean-attention", "causal"]),
     "tp2-sequence-parallel": (2, 1, ["--sp"]),
     "tp2-sequence-parallel-tied": (2, 1, ["--sp", "--tied"]),
+    "moe-ep2": (1, 1, ["--moe", "--ep", "2"]),
     "pp2": (1, 2, []),
     "dp2-masked-normalizer": (1, 1, ["--loss-normalizer", "masked"]),
 }
