@@ -121,7 +121,10 @@ def validate_sdar_args(args: argparse.Namespace, vocab_size: int | None = None, 
     """Fail early, saying what to change, on settings SDAR training cannot run with."""
     problems = []
     if args.context_parallel_size > 1:
-        problems.append("context parallelism is not supported yet: use --context-parallel-size 1")
+        problems.append(
+            "context parallelism is not implemented yet (design: docs/context_parallel.md): "
+            "use --context-parallel-size 1"
+        )
     tp = getattr(args, "tensor_model_parallel_size", 1)
     if getattr(args, "sequence_parallel", False) and args.seq_length % tp:
         problems.append(f"--sequence-parallel splits the window over TP={tp}, but --seq-length "
