@@ -312,3 +312,24 @@ def test_moe_finetune_with_expert_parallelism(corpus, tmp_path):
     assert sorted(logged) == [1, 2, 3]
     assert all(set(METRICS) <= set(v) and float(v["load_balancing_loss"]) > 0 for v in logged.values())
     assert (tmp_path / "ft" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+
+    # the expert-parallel training checkpoint exports to a Qwen3-MoE folder transformers loads
+    from safetensors.torch import load_file
+
+    from tools import convert_mcore_to_hf
+
+    hf = tmp_path / "export"
+    convert_mcore_to_hf.main(
+        ["--load", str(tmp_path / "ft"), "--save", str(hf), "--format", "ar", "--dtype", "fp32",
+         "--architecture", str(converted / "sdar_architecture.json")]
+    )  # fmt: skip
+    exported = {}
+    for f in hf.glob("*.safetensors"):
+        exported.update(load_file(f))
+    saved = tensors(tmp_path / "ft" / "iter_0000003", tmp_path)
+    fc2 = saved["decoder.layers.mlp.experts.experts.linear_fc2.weight"]  # [layer, expert, h, ffn]
+    assert torch.equal(exported["model.layers.1.mlp.experts.3.down_proj.weight"], fc2[1, 3].float())
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf).eval()
+    assert type(model).__name__ == "Qwen3MoeForCausalLM"
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(8).unsqueeze(0)).logits).all()
