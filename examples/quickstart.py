@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sft-examples", type=int, default=4000)
     p.add_argument("--eval-problems", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument(
+        "--precision", choices=("bf16", "fp32"), default=None, help="default: bf16 (fp32 with --tiny)"
+    )
     p.add_argument("--dry-run", action="store_true", help="prepare model and data, print the commands")
     p.add_argument("--launcher", default=None, help=argparse.SUPPRESS)  # command prefix instead of torchrun
     args = p.parse_args(argv)
@@ -65,6 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ).items():  # fmt: skip
             if getattr(args, name) == p.get_default(name):
                 setattr(args, name, value)
+    args.precision = args.precision or ("fp32" if args.tiny else "bf16")
     if args.seq_length % args.block_size:
         p.error(f"--seq-length {args.seq_length} is not a multiple of --block-size {args.block_size}")
     return args
@@ -159,7 +163,7 @@ def train_command(args, stage: str, arch_flags: list[str], tokenizer: str, data:
     cmd += ["--split", "98,2,0", "--eval-interval", str(steps), "--eval-iters", "2"] if stage == "cpt" else [
         "--eval-iters", "0", "--eval-interval", str(steps)
     ]  # fmt: skip
-    if not args.tiny:
+    if args.precision == "bf16":
         cmd += ["--bf16"]
     import torch
 
@@ -217,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     converted = os.path.join(work, "converted")
     info = convert_hf_to_mcore.main(
         ["--hf-dir", hf, "--save", converted, "--mask-token", "<|mask|>",
-         "--block-size", str(args.block_size), "--dtype", "fp32" if args.tiny else "bf16", "--overwrite"]
+         "--block-size", str(args.block_size), "--dtype", args.precision, "--overwrite"]
     )  # fmt: skip
     arch = info["architecture"]
     arch_flags = arch.megatron_args()
@@ -255,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     convert_mcore_to_hf.main(
         ["--load", sft_dir, "--save", export,
          "--architecture", os.path.join(converted, "sdar_architecture.json"),
-         "--tokenizer-dir", tokenizer, "--dtype", "fp32" if args.tiny else "bf16", "--overwrite"]
+         "--tokenizer-dir", tokenizer, "--dtype", args.precision, "--overwrite"]
     )  # fmt: skip
     print(f"[5/6] HF SDAR export: {export}", flush=True)
     from tools import evaluate

@@ -106,6 +106,7 @@ def test_logits_match_transformers(converted, ep, dispatcher):
     logits = run_workers(work, ep, dispatcher)
     assert logits.shape == expected.shape
     diff = (logits - expected).abs().max().item()
+    print(f"EP={ep} {dispatcher}: max abs logit diff vs transformers {diff:.2e}")
     assert diff <= 1e-4, diff
     assert torch.equal(logits.argmax(-1), expected.argmax(-1))
 
