@@ -19,7 +19,13 @@ def free_port() -> int:
 
 
 def init_megatron(
-    tp: int = 1, pp: int = 1, rank: int = 0, world_size: int = 1, port: int | None = None, ep: int = 1
+    tp: int = 1,
+    pp: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
+    port: int | None = None,
+    ep: int = 1,
+    vpp: int = 1,
 ) -> None:
     """Initialise torch.distributed over gloo and Megatron's model-parallel groups (idempotent)."""
     from megatron.core import parallel_state
@@ -30,7 +36,10 @@ def init_megatron(
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
+            virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         )
 
 
@@ -51,6 +60,7 @@ def tiny_model(
     tied: bool = False,
     seed: int = 0,
     rotary_base: float = 10000.0,
+    vp_stage: int | None = None,
     **config_overrides: Any,
 ) -> SDARModel:
     """A tiny Qwen3-shaped SDAR model in fp32 on CPU."""
@@ -72,4 +82,5 @@ def tiny_model(
         max_sequence_length=2 * seq_length,
         share_embeddings_and_output_weights=tied,
         rotary_base=rotary_base,
+        vp_stage=vp_stage,
     )

@@ -154,6 +154,7 @@ def run(args) -> int:
         world_size=args.world_size,
         port=args.port,
         ep=args.ep if args.phase == "par" else 1,
+        vpp=args.vpp if args.phase == "par" else 1,
     )
     install_cpu_schedule_shims()
     if args.sp or args.moe:
@@ -169,28 +170,43 @@ def run(args) -> int:
         clean_attention=args.clean_attention,
         loss_normalizer=args.loss_normalizer,
     )
-    model = tiny_model(
-        sdar,
-        vocab_size=VOCAB,
-        seq_length=SEQ,
-        tied=args.tied,
-        num_layers=NUM_LAYERS,
-        pipeline_dtype=torch.float32,
-        calculate_per_token_loss=True,
-        sequence_parallel=args.sp and args.phase == "par",
-        **(MOE if args.moe else {}),
-        expert_model_parallel_size=args.ep if args.phase == "par" else 1,
-    )
-    layer_offset = pp_rank * (NUM_LAYERS // args.pp)
+    chunks = args.vpp if args.phase == "par" else 1
+    models, offsets = [], []
+    for vp_stage in range(chunks):
+        models.append(
+            tiny_model(
+                sdar,
+                vocab_size=VOCAB,
+                seq_length=SEQ,
+                tied=args.tied,
+                num_layers=NUM_LAYERS,
+                pipeline_dtype=torch.float32,
+                calculate_per_token_loss=True,
+                sequence_parallel=args.sp and args.phase == "par",
+                **(MOE if args.moe else {}),
+                expert_model_parallel_size=args.ep if args.phase == "par" else 1,
+                # gloo matches concurrent batched sends between two ranks by tag only, and the
+                # interleaved schedule has forward and backward messages in flight both ways
+                **(
+                    {"virtual_pipeline_model_parallel_size": chunks, "batch_p2p_comm": False}
+                    if chunks > 1
+                    else {}
+                ),
+                vp_stage=vp_stage if chunks > 1 else None,
+            )
+        )
+        # global index of this chunk's first layer (interleaved: chunk v of rank r is stage v*pp + r)
+        offsets.append((vp_stage * args.pp + pp_rank) * (NUM_LAYERS // (args.pp * chunks)))
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     expert_offset = ep_rank * (MOE["num_moe_experts"] // args.ep) if args.moe else 0
 
     if args.phase == "par":
         ref = torch.load(args.ref, weights_only=True)
         with torch.no_grad():
-            for name, param in model.named_parameters():
-                full = ref["weights"][global_name(name, layer_offset, expert_offset)]
-                param.copy_(shard(name, full, tp_rank, args.tp))
+            for model, layer_offset in zip(models, offsets):
+                for name, param in model.named_parameters():
+                    full = ref["weights"][global_name(name, layer_offset, expert_offset)]
+                    param.copy_(shard(name, full, tp_rank, args.tp))
 
     # Data parallelism: each DP rank takes its share of the reference micro-batches.
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -205,8 +221,8 @@ def run(args) -> int:
 
     losses = get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter(batches),
-        model=[model],
+        data_iterator=[iter(batches) for _ in models] if len(models) > 1 else iter(batches),
+        model=models,
         num_microbatches=len(batches),
         seq_length=2 * SEQ,
         micro_batch_size=MBS,
@@ -225,19 +241,22 @@ def run(args) -> int:
     torch.distributed.all_reduce(stats, group=dp_group)
     loss_sum, total_tokens = stats.tolist()
     tp_group = parallel_state.get_tensor_model_parallel_group()
-    for name, param in model.named_parameters():
-        # (and with sequence parallelism every norm weight sees only its rank's positions)
-        if args.tp > 1 and (
-            "q_layernorm" in name or "k_layernorm" in name or getattr(param, "sequence_parallel", False)
-        ):
-            torch.distributed.all_reduce(param.grad, group=tp_group)
-        if dp_size > 1 and getattr(param, "allreduce", True):  # expert weights: this rank's own
-            torch.distributed.all_reduce(param.grad, group=dp_group)
-    grads = {name: p.grad.detach() / total_tokens for name, p in model.named_parameters()}
+    grads = {}
+    for model, layer_offset in zip(models, offsets):
+        for name, param in model.named_parameters():
+            # (and with sequence parallelism every norm weight sees only its rank's positions)
+            if args.tp > 1 and (
+                "q_layernorm" in name or "k_layernorm" in name or getattr(param, "sequence_parallel", False)
+            ):
+                torch.distributed.all_reduce(param.grad, group=tp_group)
+            if dp_size > 1 and getattr(param, "allreduce", True):  # expert weights: this rank's own
+                torch.distributed.all_reduce(param.grad, group=dp_group)
+            grads[(name, layer_offset)] = param.grad.detach() / total_tokens
     loss = loss_sum / total_tokens if last else None
 
     if args.phase == "ref":
-        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        weights = {n: p.detach().clone() for n, p in models[0].named_parameters()}
+        grads = {name: g for (name, _), g in grads.items()}
         torch.save({"weights": weights, "grads": grads, "loss": loss}, args.ref)
         print(json.dumps({"loss": loss}))
         return 0
@@ -245,7 +264,7 @@ def run(args) -> int:
     ref = torch.load(args.ref, weights_only=True)
     worst = 0.0
     failures = []
-    for name, grad in grads.items():
+    for (name, layer_offset), grad in grads.items():
         parts = [torch.empty_like(grad) for _ in range(args.tp)]
         torch.distributed.all_gather(parts, grad.contiguous(), group=tp_group)
         full = unshard(name, parts)
@@ -284,6 +303,7 @@ def main() -> None:
     parser.add_argument("--sp", action="store_true", help="sequence parallelism (par phase)")
     parser.add_argument("--moe", action="store_true", help="4 experts, top-2, in every layer")
     parser.add_argument("--ep", type=int, default=1, help="expert parallelism (par phase)")
+    parser.add_argument("--vpp", type=int, default=1, help="virtual pipeline stages per rank (par phase)")
     parser.add_argument("--clean-attention", default="block_causal")
     parser.add_argument("--loss-normalizer", default="eligible")
     args = parser.parse_args()

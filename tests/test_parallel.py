@@ -67,6 +67,7 @@ CASES = {
     "tp2-sequence-parallel-tied": (2, 1, ["--sp", "--tied"]),
     "moe-ep2": (1, 1, ["--moe", "--ep", "2"]),
     "pp2": (1, 2, []),
+    "pp2-virtual-stages": (1, 2, ["--vpp", "2"]),
     "dp2-masked-normalizer": (1, 1, ["--loss-normalizer", "masked"]),
 }
 
