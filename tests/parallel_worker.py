@@ -23,14 +23,14 @@ VOCAB = 128
 SEQ = 32
 MBS = 2
 NUM_MICROBATCHES = 4
-# The load-balancing loss is left out (coefficient 0): Megatron scales its gradient by the number of
-# micro-batches each rank runs, which differs between the single-process and data-parallel runs.
+# The load-balancing loss is on: it dominates the router's gradient at this size, so the comparison
+# covers its scaling when data-parallel ranks run fewer micro-batches than the single process.
 MOE = dict(
     num_moe_experts=4,
     moe_router_topk=2,
     moe_ffn_hidden_size=32,
     moe_token_dispatcher_type="allgather",
-    moe_aux_loss_coeff=0.0,
+    moe_aux_loss_coeff=0.01,
     moe_grouped_gemm=False,
 )
 
