@@ -354,3 +354,39 @@ def architecture_from_megatron_args(args: Any, vocab_size: int | None = None) ->
         moe_norm_topk_prob=not getattr(args, "moe_router_pre_softmax", False),
         moe_aux_loss_coeff=float(getattr(args, "moe_aux_loss_coeff", 0.0) or 0.0) if experts else 0.0,
     )
+
+
+def resolve_checkpoint(load: str, iteration: str | None = None) -> str:
+    """The ``release`` or ``iter_*`` directory of a Megatron checkpoint folder."""
+    tracker = os.path.join(load, "latest_checkpointed_iteration.txt")
+    if iteration is None:
+        if not os.path.isfile(tracker):
+            raise ValueError(f"{tracker} not found: pass a Megatron checkpoint directory")
+        with open(tracker) as f:
+            iteration = f.read().strip()
+    name = "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+    path = os.path.join(load, name)
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise ValueError(f"{path} is not a torch_dist checkpoint (no metadata.json)")
+    return path
+
+
+def checkpoint_architecture(
+    load: str, path: str, vocab_size: int | None = None, recorded: str | None = None
+) -> tuple[Architecture, Any]:
+    """``(architecture, stored Megatron args or None)``: from ``sdar_architecture.json`` (``recorded``,
+    default next to ``load``) when the converter wrote one, else from the arguments a training run
+    stored in the checkpoint ``path``."""
+    recorded = recorded or os.path.join(load, ARCHITECTURE_FILE)
+    if os.path.isfile(recorded):
+        with open(recorded) as f:
+            arch = Architecture(**json.load(f)["architecture"])
+        if vocab_size is not None:
+            arch.vocab_size = vocab_size
+        return arch, None
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    saved = load_common_state_dict(path).get("args")
+    if saved is None:
+        raise ValueError(f"{recorded} not found and {path} stores no Megatron arguments")
+    return architecture_from_megatron_args(saved, vocab_size), saved

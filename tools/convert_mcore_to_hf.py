@@ -65,19 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def checkpoint_dir(load: str, iteration: str | None) -> str:
-    tracker = os.path.join(load, "latest_checkpointed_iteration.txt")
-    if iteration is None:
-        if not os.path.isfile(tracker):
-            raise SystemExit(f"error: {tracker} not found: --load must be a Megatron checkpoint directory")
-        iteration = open(tracker).read().strip()
-    name = "release" if iteration == "release" else f"iter_{int(iteration):07d}"
-    path = os.path.join(load, name)
-    if not os.path.isfile(os.path.join(path, "metadata.json")):
-        raise SystemExit(f"error: {path} is not a torch_dist checkpoint (no metadata.json)")
-    return path
-
-
 def hf_config(arch, fmt: str) -> dict:
     cls, model_type = HF_CLASSES[arch.family]
     config = {
@@ -123,27 +110,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     from megatron_sdar.checkpointing import checkpoint_layout, read_parameter
     from megatron_sdar.conversion import AttentionShape, hf_params_from_mcore
-    from megatron_sdar.hf_checkpoint import Architecture, architecture_from_megatron_args, meta_model
+    from megatron_sdar.hf_checkpoint import checkpoint_architecture, meta_model, resolve_checkpoint
 
-    ckpt = checkpoint_dir(args.load, args.iteration)
-    arch_path = args.architecture or os.path.join(args.load, "sdar_architecture.json")
-    saved = None
-    if os.path.isfile(arch_path):
-        with open(arch_path) as f:
-            arch = Architecture(**json.load(f)["architecture"])
-        if args.vocab_size is not None:
-            arch.vocab_size = args.vocab_size
-    else:  # a checkpoint written by training: the Megatron arguments it stores describe the model
-        from megatron.core.dist_checkpointing.serialization import load_common_state_dict
-
-        saved = load_common_state_dict(ckpt).get("args")
-        if saved is None:
-            raise SystemExit(f"error: {arch_path} not found and {ckpt} stores no Megatron arguments; "
-                             "pass --architecture")  # fmt: skip
-        try:
-            arch = architecture_from_megatron_args(saved, args.vocab_size)
-        except ValueError as err:
-            raise SystemExit(f"error: {err}") from err
+    try:
+        ckpt = resolve_checkpoint(args.load, args.iteration)
+        arch, saved = checkpoint_architecture(args.load, ckpt, args.vocab_size, args.architecture)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     arch.block_size = args.block_size or arch.block_size
     arch.mask_token_id = args.mask_token_id if args.mask_token_id is not None else arch.mask_token_id
     config_json = hf_config(arch, args.format)
