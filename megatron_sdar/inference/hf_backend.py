@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megatron_sdar.inference.kv_cache import KVCache
+
 BASE_CLASSES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
@@ -65,13 +67,11 @@ class HFBackend:
         self.reset(0)
 
     def reset(self, batch: int) -> None:
-        self.keys: list[torch.Tensor | None] = [None] * len(self.layers)
-        self.values: list[torch.Tensor | None] = [None] * len(self.layers)
-        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
+        self.cache = KVCache(len(self.layers), batch, self.device)
 
     @property
     def cache_length(self) -> int:
-        return self.valid.shape[1]
+        return self.cache.length
 
     @torch.no_grad()
     def forward(
@@ -91,8 +91,7 @@ class HFBackend:
         b, n = tokens.shape
         hidden = self.inner.embed_tokens(tokens)
         cos, sin = self.inner.rotary_emb(hidden, positions)
-        seen = torch.cat([self.valid[:, None, :].expand(b, n, self.cache_length), self_mask], dim=-1)
-        mask = seen[:, None]
+        mask = self.cache.attention_mask(self_mask)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
@@ -102,17 +101,12 @@ class HFBackend:
                 q, k = attn.q_norm(q), attn.k_norm(k)
             v = attn.v_proj(x).view(shape).transpose(1, 2)
             q, k = self._rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-            keys = k if self.keys[i] is None else torch.cat([self.keys[i], k], dim=2)
-            values = v if self.values[i] is None else torch.cat([self.values[i], v], dim=2)
+            keys, values = self.cache.extend(i, k, v, write)
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=q.shape[1] != k.shape[1]
             )
             hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
             mlp = layer.mlp(layer.post_attention_layernorm(hidden))
             hidden = hidden + (mlp[0] if isinstance(mlp, tuple) else mlp)
-            if write:
-                self.keys[i] = keys[:, :, : self.cache_length + write]
-                self.values[i] = values[:, :, : self.cache_length + write]
-        if write:
-            self.valid = torch.cat([self.valid, key_valid[:, :write]], dim=1)
+        self.cache.commit(key_valid, write)
         return self.model.lm_head(self.inner.norm(hidden))

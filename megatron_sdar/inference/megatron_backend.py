@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megatron_sdar.inference.kv_cache import KVCache
+
 
 class MegatronBackend:
     def __init__(self, model: Any, vocab_size: int, rotary_base: float | None = None) -> None:
@@ -45,13 +47,11 @@ class MegatronBackend:
         return scale if scale is not None else self.model.config.kv_channels**-0.5
 
     def reset(self, batch: int) -> None:
-        self.keys: list[torch.Tensor | None] = [None] * len(self.layers)
-        self.values: list[torch.Tensor | None] = [None] * len(self.layers)
-        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
+        self.cache = KVCache(len(self.layers), batch, self.device)
 
     @property
     def cache_length(self) -> int:
-        return self.valid.shape[1]
+        return self.cache.length
 
     @torch.no_grad()
     def forward(
@@ -67,15 +67,14 @@ class MegatronBackend:
         model = self.model
         hidden = model.embedding(input_ids=tokens, position_ids=None)  # [n, b, h]
         freqs = self.rotary(positions)
-        mask = torch.cat([self.valid[:, None, :].expand(b, n, self.cache_length), self_mask], dim=-1)[:, None]
+        mask = self.cache.attention_mask(self_mask)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attention
             q, k, v = attn.get_query_key_value_tensors(layer.input_layernorm(hidden), None)[:3]
             q = self._rope(q, freqs, config=attn.config)
             k = self._rope(k, freqs, config=attn.config)
             q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, n, d]
-            keys = k if self.keys[i] is None else torch.cat([self.keys[i], k], dim=2)
-            values = v if self.values[i] is None else torch.cat([self.values[i], v], dim=2)
+            keys, values = self.cache.extend(i, k, v, write)
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, scale=self._scale(attn),
                 enable_gqa=q.shape[1] != k.shape[1],
@@ -85,11 +84,7 @@ class MegatronBackend:
             mlp = layer.mlp(layer.pre_mlp_layernorm(hidden))
             out, bias = mlp if isinstance(mlp, tuple) else (mlp, None)
             hidden = hidden + (out if bias is None else out + bias)
-            if write:
-                self.keys[i] = keys[:, :, : self.cache_length + write]
-                self.values[i] = values[:, :, : self.cache_length + write]
-        if write:
-            self.valid = torch.cat([self.valid, key_valid[:, :write]], dim=1)
+        self.cache.commit(key_valid, write)
         hidden = model.decoder.final_layernorm(hidden)
         weight = (
             model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
