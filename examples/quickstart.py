@@ -174,12 +174,14 @@ def train_command(args, stage: str, arch_flags: list[str], tokenizer: str, data:
 
 def run(cmd: list[str], label: str) -> str:
     print(f"[{label}] {shlex.join(cmd)}", flush=True)
-    import socket
+    from megatron_sdar.parallel import free_port
 
-    with socket.socket() as s:  # this process may hold MASTER_PORT (the converters' one-rank world)
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), MASTER_PORT=port)
+    # this process may hold MASTER_PORT (the converters' one-rank world): the run gets its own
+    env = dict(
+        os.environ,
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        MASTER_PORT=str(free_port()),
+    )
     lines = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         for line in proc.stdout:

@@ -8,15 +8,20 @@ import socket
 import torch
 
 
+def free_port() -> int:
+    """A TCP port that is free on this host right now (for a rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def ensure_single_process_world() -> None:
     """Initialise torch.distributed (gloo, one rank) and Megatron's TP=PP=1 groups if not done yet."""
     from megatron.core import parallel_state
 
     if not torch.distributed.is_initialized():
         if "MASTER_PORT" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+            os.environ["MASTER_PORT"] = str(free_port())
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():

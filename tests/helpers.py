@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 import torch
 
 from megatron_sdar.config import SDARConfig
 from megatron_sdar.model import SDARModel, build_sdar_model, qwen3_transformer_config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_sdar.parallel import free_port
 
 
 def init_megatron(
