@@ -24,6 +24,12 @@ Usage::
     python benchmarks/attention.py --seq-lengths 4096 --block-sizes 4 --out t1.json
     python benchmarks/attention.py --path direct --doc-length 1000  # packed 1000-token documents
     python benchmarks/attention.py --check                          # flex vs dense-mask SDPA only
+    python benchmarks/attention.py --sweep --seq-lengths 4096 --block-sizes 4   # tune kernel options
+
+``--kernel-options`` passes FlexAttention kernel options (JSON) to every SDAR measurement; ``--sweep``
+times a list of candidate options (tile sizes, warps, stages, TMA, row safety) at the first ``L``
+and ``B``, then their best forward and backward choices combined, and reports the fastest: the
+value to give ``--sdar-flex-kernel-options``.
 
 ``--check`` compares FlexAttention's output and gradients with ``scaled_dot_product_attention``
 under the dense mask of ``megatron_sdar.masks.dense_sdar_mask`` on a small multi-document window
@@ -73,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations (these also compile)")
     p.add_argument("--iters", type=int, default=20, help="timed iterations (median reported)")
+    p.add_argument(
+        "--kernel-options", type=json.loads, default=None, help="FlexAttention kernel options (JSON)"
+    )
+    p.add_argument("--sweep", action="store_true", help="time candidate kernel options at the first L and B")
     p.add_argument("--check", action="store_true", help="only compare flex with dense-mask SDPA, then exit")
     p.add_argument("--check-length", type=int, default=1024, help="clean window L for --check")
     p.add_argument("--check-block-size", type=int, default=4, help="SDAR block size for --check")
@@ -198,7 +208,7 @@ def causal_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def library_attention(args, clean_attention: str, layout: torch.Tensor):
+def library_attention(args, clean_attention: str, layout: torch.Tensor, kernel_options: dict | None = None):
     """``SDARCoreAttention`` (flex backend) as Megatron calls it: ``[s, b, h, d]`` in, ``[s, b, h*d]``
     out, with the mask built once per layout by its cache."""
     from megatron.core.transformer.enums import AttnMaskType
@@ -215,7 +225,7 @@ def library_attention(args, clean_attention: str, layout: torch.Tensor):
     )
     module = SDARCoreAttention(
         config, 1, AttnMaskType.arbitrary, "self", clean_attention=clean_attention, backend="flex",
-        mask_cache=SDARMaskCache(),
+        mask_cache=SDARMaskCache(), kernel_options=kernel_options,
     )  # fmt: skip
     return lambda q, k, v: module(q, k, v, layout)
 
@@ -239,7 +249,7 @@ def library_bhsd(args, clean_attention: str, layout: torch.Tensor) -> Callable:
 _compiled_flex = None
 
 
-def direct_attention(block_mask) -> Callable:
+def direct_attention(block_mask, kernel_options: dict | None = None) -> Callable:
     """``torch.compile(flex_attention)`` on ``[b, h, s, d]`` tensors with the given ``BlockMask``."""
     global _compiled_flex
     if _compiled_flex is None:
@@ -249,7 +259,9 @@ def direct_attention(block_mask) -> Callable:
     flex = _compiled_flex
 
     def attend(q, k, v):
-        return flex(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+        return flex(
+            q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1], kernel_options=kernel_options
+        )
 
     return attend
 
@@ -281,10 +293,10 @@ def benchmark(args) -> list[dict]:
             mask_ms = wall_time(build, warmup=2, iters=max(5, args.iters // 2))  # warm-up compiles
             block_mask = build()
             if args.path == "library":
-                attend = library_attention(args, args.clean_attention, layout)
+                attend = library_attention(args, args.clean_attention, layout, args.kernel_options)
                 inputs = (*to_sbhd(q, k, v), grad.permute(2, 0, 1, 3).reshape(2 * seq_len, args.batch, -1))
             else:
-                attend, inputs = direct_attention(block_mask), (q, k, v, grad)
+                attend, inputs = direct_attention(block_mask, args.kernel_options), (q, k, v, grad)
             sdar_ms = cuda_time(fwd_bwd(attend, *inputs), args.warmup, args.iters)
             del inputs
             row = dict(
@@ -305,6 +317,64 @@ def benchmark(args) -> list[dict]:
         del q, k, v, grad
         torch.cuda.empty_cache()
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# kernel-option sweep
+
+FWD = {
+    "fwd 128x64 w8 s3": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 8, "fwd_num_stages": 3},
+    "fwd 128x128 w8 s2": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 2},
+    "fwd 64x128 w4 s3": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_warps": 4, "fwd_num_stages": 3},
+}
+BWD = {
+    "bwd 64/128 w8 s2": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 64,
+                         "bwd_num_warps": 8, "bwd_num_stages": 2},
+    "bwd 32/128 w4 s3": {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 32,
+                         "bwd_num_warps": 4, "bwd_num_stages": 3},
+    "bwd 64/64 w4 s3": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+                        "bwd_num_warps": 4, "bwd_num_stages": 3},
+}  # fmt: skip
+FLAGS = {"rows safe": {"ROWS_GUARANTEED_SAFE": True}, "TMA": {"USE_TMA": True}}
+
+
+def sweep(args) -> dict:
+    """Time candidate kernel options at the first (L, B); combine the best of each kind."""
+    seq_len, block = args.seq_lengths[0], args.block_sizes[0]
+    q, k, v, grad = random_qkv(args, 2 * seq_len, "cuda", seed=args.seed)
+    layout = make_layout(args.batch, doc_lengths(seq_len, args.doc_length), block, "cuda")
+    inputs = (*to_sbhd(q, k, v), grad.permute(2, 0, 1, 3).reshape(2 * seq_len, args.batch, -1))
+    causal_ms = cuda_time(fwd_bwd(causal_attention, q, k, v, grad), args.warmup, args.iters)
+    print(f"sweep at L={seq_len} B={block} (library path, fwd+bwd); causal SDPA over 2L: {causal_ms:.3f} ms")
+    results: dict[str, dict] = {}
+
+    def measure(name: str, options: dict) -> float | None:
+        try:
+            attend = library_attention(args, args.clean_attention, layout, options or None)
+            ms = cuda_time(fwd_bwd(attend, *inputs), args.warmup, args.iters)
+        except Exception as exc:  # an option set the compiler rejects is a result, not a crash
+            results[name] = {"options": options, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            print(f"  {name:<22} failed: {results[name]['error'][:120]}", flush=True)
+            return None
+        results[name] = {"options": options, "ms": ms, "ratio": ms / causal_ms}
+        print(f"  {name:<22} {ms:8.3f} ms  ratio {ms / causal_ms:.3f}", flush=True)
+        return ms
+
+    base = measure("default", {})
+    picked: dict = {}
+    for group in (FWD, BWD, FLAGS):
+        timed = {name: measure(name, opts) for name, opts in group.items()}
+        timed = {n: t for n, t in timed.items() if t is not None}
+        if timed and base is not None and min(timed.values()) < base:
+            picked.update(group[min(timed, key=timed.get)])
+    if picked:
+        measure("combined", picked)
+    ok = {n: r for n, r in results.items() if "ms" in r}
+    best = min(ok, key=lambda n: ok[n]["ms"]) if ok else None
+    if best:
+        print(f"best: {best} ({ok[best]['ms']:.3f} ms, ratio {ok[best]['ratio']:.3f}); "
+              f"--sdar-flex-kernel-options '{json.dumps(ok[best]['options'])}'")  # fmt: skip
+    return {"L": seq_len, "B": block, "causal_ms": causal_ms, "candidates": results, "best": best}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -379,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         results["check"], ok = check(args)
         status = 0 if ok else 1
+    elif args.sweep:
+        results["sweep"] = sweep(args)
     else:
         results["rows"] = benchmark(args)
     if args.out:

@@ -37,6 +37,7 @@ class SDARConfig:
     block_counting: BlockCounting = BlockCounting.DOCUMENT
     position_ids: PositionIds = PositionIds.CONTINUOUS
     attention_backend: str = "auto"
+    flex_kernel_options: dict | None = None  # FlexAttention kernel_options (tile sizes, warps, ...)
 
     def __post_init__(self) -> None:
         self.noise_unit = NoiseUnit(self.noise_unit)
@@ -65,6 +66,10 @@ class SDARConfig:
             )
         if not 0.0 <= self.noise_eps < 1.0:
             raise ValueError(f"--sdar-noise-eps must be in [0, 1), got {self.noise_eps}")
+        if self.flex_kernel_options is not None and not isinstance(self.flex_kernel_options, dict):
+            raise ValueError(
+                f"--sdar-flex-kernel-options must be a JSON object, got {self.flex_kernel_options!r}"
+            )
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"unknown SDAR attention backend {self.attention_backend!r}; use one of {ATTENTION_BACKENDS}"

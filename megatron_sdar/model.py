@@ -25,15 +25,23 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_sdar.attention import SDARCoreAttention
+from megatron_sdar.attention import CausalCoreAttention, SDARCoreAttention
 from megatron_sdar.config import SDARConfig
 from megatron_sdar.positions import PositionRotaryEmbedding
 
 
 def with_sdar_core_attention(spec: Any, sdar: SDARConfig) -> Any:
     """A copy of a layer or decoder-block spec whose self-attention uses SDAR core attention."""
+    builder = partial(
+        SDARCoreAttention, clean_attention=sdar.clean_attention, backend=sdar.attention_backend,
+        kernel_options=sdar.flex_kernel_options,
+    )  # fmt: skip
+    return with_core_attention(spec, builder)
+
+
+def with_core_attention(spec: Any, builder: Any) -> Any:
+    """A copy of a layer or decoder-block spec whose self-attention core is ``builder``."""
     spec = copy.deepcopy(spec)
-    builder = partial(SDARCoreAttention, clean_attention=sdar.clean_attention, backend=sdar.attention_backend)
 
     def patch_layer(layer_spec: ModuleSpec) -> None:
         attn = getattr(layer_spec.submodules, "self_attention", None)
@@ -60,8 +68,30 @@ def sdar_layer_spec(
     vp_stage: int | None = None,
 ) -> Any:
     """Megatron's GPT layer spec for ``config`` (dense; MoE through the decoder-block spec) with SDAR
-    core attention. With sequence parallelism on the local spec and no Apex, the norms are
-    :class:`~megatron_sdar.norms.SequenceParallelTorchNorm` (Megatron's torch norm refuses it)."""
+    core attention. On the local spec without Apex the norms are :class:`~megatron_sdar.norms.TorchNorm`
+    (compiled on CUDA; Megatron's torch norm is eager and refuses sequence parallelism)."""
+    return _layer_spec(
+        config, use_transformer_engine, vp_stage, lambda base: with_sdar_core_attention(base, sdar)
+    )
+
+
+def ar_layer_spec(
+    config: TransformerConfig, use_transformer_engine: bool = False, vp_stage: int | None = None
+) -> Any:
+    """The same architecture for the causal-LM objective (the AR baseline, ``--sdar-objective ar``).
+
+    Transformer Engine's spec keeps its fused attention; the local spec gets
+    :class:`~megatron_sdar.attention.CausalCoreAttention` (flash SDPA) instead of Megatron's
+    score-materialising ``DotProductAttention``, so both objectives run comparable kernels.
+    """
+    if use_transformer_engine:
+        return _layer_spec(config, True, vp_stage, lambda base: base)
+    return _layer_spec(config, False, vp_stage, lambda base: with_core_attention(base, CausalCoreAttention))
+
+
+def _layer_spec(
+    config: TransformerConfig, use_transformer_engine: bool, vp_stage: int | None, attend: Any
+) -> Any:
     if config.num_moe_experts:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
@@ -75,9 +105,9 @@ def sdar_layer_spec(
         base = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     else:
         base = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
-    spec = with_sdar_core_attention(base, sdar)
-    if config.sequence_parallel and not use_transformer_engine and not _have_apex():
-        spec = _with_sequence_parallel_norms(config, spec, vp_stage)
+    spec = attend(base)
+    if not use_transformer_engine and not _have_apex():
+        spec = _with_torch_norms(config, spec, vp_stage)
     return spec
 
 
@@ -89,10 +119,10 @@ def _have_apex() -> bool:
     return True
 
 
-def _with_sequence_parallel_norms(config: TransformerConfig, spec: Any, vp_stage: int | None) -> Any:
+def _with_torch_norms(config: TransformerConfig, spec: Any, vp_stage: int | None) -> Any:
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
-    from megatron_sdar.norms import SequenceParallelTorchNorm as Norm
+    from megatron_sdar.norms import TorchNorm as Norm
 
     if isinstance(spec, ModuleSpec) and isinstance(spec.submodules, TransformerBlockSubmodules):
         spec = spec.submodules

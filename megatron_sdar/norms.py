@@ -1,9 +1,14 @@
-"""Plain-torch norms that work under sequence parallelism.
+"""Plain-torch norms for the local (no Transformer Engine, no Apex) layer spec.
 
-Megatron-Core's torch fallback for norms (``WrappedTorchNorm``) refuses sequence parallelism, so
-without Transformer Engine or Apex a local-spec model cannot use it. This norm is the same
-RMSNorm/LayerNorm, with its parameters marked ``sequence_parallel`` the way TE's and Apex's norms
-mark theirs, so Megatron's gradient finalisation sums them over the tensor-parallel group.
+Megatron-Core's torch fallback (``WrappedTorchNorm``) has two costs this norm removes:
+
+* it refuses sequence parallelism; here the parameters are marked ``sequence_parallel`` the way
+  TE's and Apex's norms mark theirs, so Megatron's gradient finalisation sums them over the
+  tensor-parallel group;
+* eager ``RMSNorm`` on the GPU runs as a chain of separate elementwise and reduction kernels (cast,
+  square, mean, rsqrt, two products, and as many again backward), each a full pass over the
+  activations; four norms per layer made them a large share of an SDAR step. On CUDA the norm runs
+  as one ``torch.compile``-generated kernel each way (fp32 statistics, as TE computes them).
 """
 
 from __future__ import annotations
@@ -13,7 +18,29 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
-class SequenceParallelTorchNorm(torch.nn.Module):
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
+
+
+_compiled: dict[str, object] = {}
+
+
+def _fused(name: str):
+    """The compiled norm function (compiled lazily, once per process)."""
+    if name not in _compiled:
+        _compiled[name] = torch.compile(_rms_norm if name == "RMSNorm" else _layer_norm)
+    return _compiled[name]
+
+
+class TorchNorm(torch.nn.Module):
+    """RMSNorm or LayerNorm over the last dimension, compiled on CUDA, sequence-parallel aware."""
+
     def __init__(
         self,
         config: TransformerConfig,
@@ -41,6 +68,10 @@ class SequenceParallelTorchNorm(torch.nn.Module):
             param.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and not torch.compiler.is_compiling():
+            if self.normalization == "RMSNorm":
+                return _fused("RMSNorm")(x, self.weight, self.eps)
+            return _fused("LayerNorm")(x, self.weight, self.bias, self.eps)
         if self.normalization == "RMSNorm":
             return F.rms_norm(x, (self.hidden_size,), self.weight, self.eps)
         return F.layer_norm(x, (self.hidden_size,), self.weight, self.bias, self.eps)

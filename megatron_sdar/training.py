@@ -15,6 +15,7 @@ a resumed run draws exactly what an uninterrupted run would have.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from functools import partial
 from typing import Any
@@ -78,12 +79,31 @@ def add_sdar_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     g.add_argument("--sdar-attention-backend", choices=["auto", "flex", "sdpa"], default="auto")
     g.add_argument(
+        "--sdar-flex-kernel-options",
+        type=_json_object,
+        default=None,
+        help="FlexAttention kernel options as JSON (default: tuned tiles on Hopper at head dim 128, "
+        "FlexAttention's own elsewhere; '{}' for FlexAttention's own everywhere); "
+        "benchmarks/attention.py --sweep measures candidates",
+    )
+    g.add_argument(
         "--sdar-sft-pad-token-id",
         type=int,
         default=None,
         help="token that pads SFT windows (default: the tokenizer's end-of-document token)",
     )
     return parser  # fmt: skip
+
+
+def _json_object(text: str) -> dict:
+    """argparse type: a JSON object (an error that says what is wrong otherwise)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"BLOCK_M\": 64}}', got {text!r}")
+    return value
 
 
 def sdar_config_from_args(args: argparse.Namespace) -> SDARConfig:
@@ -98,6 +118,7 @@ def sdar_config_from_args(args: argparse.Namespace) -> SDARConfig:
         block_counting=args.sdar_block_counting,
         position_ids=positions,
         attention_backend=args.sdar_attention_backend,
+        flex_kernel_options=getattr(args, "sdar_flex_kernel_options", None),
     )
 
 
@@ -280,11 +301,10 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
                    config: Any = None, pg_collection: Any = None) -> torch.nn.Module:  # fmt: skip
     """Build this stage's model from Megatron's parsed arguments."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.training import get_args
     from megatron.training.arguments import core_transformer_config_from_args
 
-    from megatron_sdar.model import SDARModel, sdar_layer_spec
+    from megatron_sdar.model import SDARModel, ar_layer_spec, sdar_layer_spec
 
     args = get_args()
     transformer_config = config if config is not None else core_transformer_config_from_args(args)
@@ -301,14 +321,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         pg_collection=pg_collection,
     )
     if args.sdar_objective == "ar":
-        if use_te:
-            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
-            spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=transformer_config.qk_layernorm)
-        else:
-            spec = get_gpt_layer_local_spec(
-                qk_layernorm=transformer_config.qk_layernorm, normalization=transformer_config.normalization
-            )
+        spec = ar_layer_spec(transformer_config, use_te, vp_stage)
         return GPTModel(transformer_layer_spec=spec, position_embedding_type="rope", **common)
     sdar = sdar_config_from_args(args)
     return SDARModel(

@@ -296,3 +296,14 @@ def test_dataset_provider_cpt_and_sft(cpt_prefix, tmp_path, monkeypatch, megatro
         assert not s["masked"][s["layout"][0] == 0].any()
         assert not s["masked"][~s["eligible"]].any()
         assert s["position_ids"][0] == 0
+
+
+def test_flex_kernel_options_flag(monkeypatch):
+    from megatron_sdar.training import sdar_config_from_args
+
+    args = parse(["--sdar-flex-kernel-options", '{"bwd_num_warps": 8}'], monkeypatch)
+    assert sdar_config_from_args(args).flex_kernel_options == {"bwd_num_warps": 8}
+    assert sdar_config_from_args(parse([], monkeypatch)).flex_kernel_options is None
+    for bad in ("{bwd_num_warps: 8}", "[1, 2]"):
+        with pytest.raises(SystemExit):
+            parse(["--sdar-flex-kernel-options", bad], monkeypatch)

@@ -1,0 +1,84 @@
+"""Core-attention modules and norms of the local spec on CPU: the AR baseline's causal attention,
+the kernel-option defaults, and the torch norm that replaces Megatron's eager one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+
+from megatron_sdar.attention import CausalCoreAttention, SDARCoreAttention, default_kernel_options
+from megatron_sdar.model import ar_layer_spec, qwen3_transformer_config, sdar_layer_spec
+from megatron_sdar.norms import TorchNorm
+
+
+def config(**overrides):
+    base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16)
+    return qwen3_transformer_config(**{**base, **overrides})
+
+
+def test_causal_attention_equals_explicit_masked_softmax():
+    torch.manual_seed(0)
+    s, b, d = 12, 2, 16
+    q = torch.randn(s, b, 4, d)
+    k, v = torch.randn(s, b, 2, d), torch.randn(s, b, 2, d)
+    out = CausalCoreAttention(config(), 1, AttnMaskType.causal, "self")(q, k, v, None)
+    kr, vr = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)
+    scores = torch.einsum("sbhd,tbhd->bhst", q, kr) / d**0.5
+    scores = scores.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf"))
+    expected = torch.einsum("bhst,tbhd->sbhd", scores.softmax(-1), vr).reshape(s, b, -1)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_attention_refuses_masks_and_dropout():
+    module = CausalCoreAttention(config(), 1, AttnMaskType.causal, "self")
+    q = torch.randn(4, 1, 4, 16)
+    with pytest.raises(ValueError, match="no attention mask"):
+        module(q, q[:, :, :2], q[:, :, :2], torch.ones(1, 1, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="--attention-dropout 0"):
+        CausalCoreAttention(config(attention_dropout=0.1), 1, AttnMaskType.causal, "self")
+    with pytest.raises(ValueError, match="causal masks only"):
+        CausalCoreAttention(config(), 1, AttnMaskType.padding, "self")
+
+
+def test_specs_use_the_right_cores_and_norms(megatron_world):
+    from megatron_sdar.config import SDARConfig
+
+    cfg = config()
+    sdar = sdar_layer_spec(cfg, SDARConfig(block_size=4, mask_token_id=1))
+    ar = ar_layer_spec(cfg)
+    for spec, core in ((sdar, SDARCoreAttention), (ar, CausalCoreAttention)):
+        layer = spec.layer_specs[0].submodules
+        attn = layer.self_attention.submodules
+        assert getattr(attn.core_attention, "func", attn.core_attention) is core
+        assert layer.input_layernorm is TorchNorm and attn.q_layernorm is TorchNorm
+        assert spec.layer_norm is TorchNorm
+
+
+@pytest.mark.parametrize("normalization", ["RMSNorm", "LayerNorm"])
+def test_torch_norm_matches_torch_modules(normalization):
+    torch.manual_seed(0)
+    norm = TorchNorm(config(normalization=normalization), 16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        if norm.bias is not None:
+            norm.bias.uniform_(-0.5, 0.5)
+    ref = torch.nn.RMSNorm(16, eps=1e-6) if normalization == "RMSNorm" else torch.nn.LayerNorm(16, eps=1e-6)
+    ref.load_state_dict(norm.state_dict())
+    x = torch.randn(5, 2, 3, 16)
+    torch.testing.assert_close(norm(x), ref(x))
+    assert set(norm.state_dict()) == set(ref.state_dict())  # checkpoints keep Megatron's keys
+
+
+def test_fused_norm_function_matches_eager():
+    from megatron_sdar.norms import _layer_norm, _rms_norm
+
+    x, w, b = torch.randn(6, 16, dtype=torch.bfloat16), torch.rand(16) + 0.5, torch.randn(16)
+    rms = torch.nn.functional.rms_norm(x.float(), (16,), w, 1e-6).to(torch.bfloat16)
+    torch.testing.assert_close(_rms_norm(x, w, 1e-6), rms, atol=0, rtol=0)
+    ln = torch.nn.functional.layer_norm(x.float(), (16,), w, b, 1e-6).to(torch.bfloat16)
+    torch.testing.assert_close(_layer_norm(x, w, b, 1e-6), ln, atol=0, rtol=0)
+
+
+def test_kernel_option_defaults_only_for_measured_gpus():
+    assert default_kernel_options(torch.randn(1, 4, 8, 128, dtype=torch.bfloat16)) is None  # CPU
