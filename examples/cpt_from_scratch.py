@@ -3,6 +3,7 @@
 
     python examples/cpt_from_scratch.py                 # ~300 steps of a small Qwen3-shaped model
     python examples/cpt_from_scratch.py --dry-run       # prepare data, print the training command
+    python examples/cpt_from_scratch.py --num-experts 8 --moe-router-topk 2   # Qwen3-MoE-shaped
 
 1. builds a corpus from the documentation text every Python ships (``pydoc_data``);
 2. trains a byte-level BPE tokenizer on it (with ``<|endoftext|>`` and a ``<|mask|>`` token) and
@@ -177,9 +178,18 @@ def training_command(
         os.path.join(args.workdir, "tensorboard"),
     ]
     sdar = ["--sdar-mask-token-id", str(mask_id), "--sdar-block-size", str(args.block_size)]
+    moe = []
+    if args.num_experts:  # Qwen3-MoE shape: routed experts only, softmax then top-k, aux loss
+        moe = [
+            "--num-experts", str(args.num_experts), "--moe-router-topk", str(args.moe_router_topk),
+            "--moe-ffn-hidden-size", "256", "--moe-router-load-balancing-type", "aux_loss",
+            "--moe-aux-loss-coeff", "1e-3", "--moe-token-dispatcher-type", "alltoall",
+        ]  # fmt: skip
+        if impl == "transformer_engine":
+            moe.append("--moe-grouped-gemm")
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--standalone",
-        os.path.join(ROOT, "pretrain_sdar.py"), *model, *training, *data, *io, *sdar,
+        os.path.join(ROOT, "pretrain_sdar.py"), *model, *moe, *training, *data, *io, *sdar,
     ]  # fmt: skip
 
 
@@ -206,8 +216,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--micro-batch-size", type=int, default=16)
     p.add_argument("--global-batch-size", type=int, default=32)
     p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--num-experts", type=int, default=0, help="MoE: routed experts per layer (0: dense)")
+    p.add_argument("--moe-router-topk", type=int, default=2)
     p.add_argument("--dry-run", action="store_true", help="prepare data and print the command only")
     args = p.parse_args(argv)
+    if args.num_experts and not 1 <= args.moe_router_topk <= args.num_experts:
+        p.error(
+            f"--moe-router-topk {args.moe_router_topk} must be between 1 and --num-experts {args.num_experts}"
+        )
     os.makedirs(args.workdir, exist_ok=True)
 
     corpus = os.path.join(args.workdir, "corpus.jsonl")
@@ -248,6 +264,10 @@ def main(argv: list[str] | None = None) -> dict:
     if throughput is not None:
         print(f"throughput: {throughput:,.0f} data tokens/s (each processed twice: x_t and x_0)")
     result["data_tokens_per_second"] = throughput
+    memory = re.findall(r"max allocated: ([0-9.]+)", log)
+    if memory:
+        result["max_allocated_mb"] = float(memory[-1])
+        print(f"peak memory: {float(memory[-1]):,.0f} MB allocated (Megatron's report, with optimizer state)")
     print(f"checkpoint: {os.path.join(args.workdir, 'checkpoints')}")
     result["losses"] = losses
     return result

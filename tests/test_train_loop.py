@@ -5,6 +5,9 @@ prove what only the whole loop can: SDAR CPT trains, logs the SDAR metrics, save
 checkpoints, and a run stopped at step N and resumed reaches bit-identical weights, optimizer state
 and losses; SFT windows and the AR baseline train; ``--finetune`` starts from a checkpoint written
 by ``tools/convert_hf_to_mcore.py``; a checkpoint trained at TP=2 exports to HF.
+
+With ``SDAR_TRAIN_LOOP_ON_CUDA=1`` on a GPU machine the same tests run the loop on the GPU instead
+(NCCL, FlexAttention; tests that need more ranks than GPUs are skipped).
 """
 
 from __future__ import annotations
@@ -56,10 +59,20 @@ def corpus(tmp_path_factory):
     return {"work": work, "data": data, "mask": str(result["mask_id"]), "tokenizer": result["tokenizer"]}
 
 
+ON_CUDA = os.environ.get("SDAR_TRAIN_LOOP_ON_CUDA") == "1"
+
+
 def train(flags: list[str], nproc: int = 1) -> str:
-    """Run ``pretrain_sdar.py`` with ``flags`` on CPU; return its output (fails the test on error)."""
+    """Run ``pretrain_sdar.py`` with ``flags`` on CPU (or the GPU, see above); return its output
+    (fails the test on error)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    script = [str(ROOT / "tests" / "cpu_cuda.py"), str(ROOT / "pretrain_sdar.py"), *flags]
+    if ON_CUDA:
+        if torch.cuda.device_count() < nproc:
+            pytest.skip(f"needs {nproc} GPUs")
+        flags = ["nccl" if f == "gloo" else f for f in flags]
+        script = [str(ROOT / "pretrain_sdar.py"), *flags]
+    else:
+        script = [str(ROOT / "tests" / "cpu_cuda.py"), str(ROOT / "pretrain_sdar.py"), *flags]
     port = str(free_port())
     if nproc == 1:
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
