@@ -20,6 +20,7 @@ def init_megatron(
     port: int | None = None,
     ep: int = 1,
     vpp: int = 1,
+    etp: int | None = None,
 ) -> None:
     """Initialise torch.distributed over gloo and Megatron's model-parallel groups (idempotent)."""
     from megatron.core import parallel_state
@@ -33,6 +34,7 @@ def init_megatron(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
             expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp,
             virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         )
 

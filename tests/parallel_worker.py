@@ -155,6 +155,7 @@ def run(args) -> int:
         port=args.port,
         ep=args.ep if args.phase == "par" else 1,
         vpp=args.vpp if args.phase == "par" else 1,
+        etp=args.etp if args.phase == "par" else None,
     )
     install_cpu_schedule_shims()
     if args.sp or args.moe:
@@ -185,6 +186,7 @@ def run(args) -> int:
                 sequence_parallel=args.sp and args.phase == "par",
                 **(MOE if args.moe else {}),
                 expert_model_parallel_size=args.ep if args.phase == "par" else 1,
+                **({"expert_tensor_parallel_size": args.etp} if args.etp and args.phase == "par" else {}),
                 # gloo matches concurrent batched sends between two ranks by tag only, and the
                 # interleaved schedule has forward and backward messages in flight both ways
                 **(
@@ -199,6 +201,18 @@ def run(args) -> int:
         offsets.append((vp_stage * args.pp + pp_rank) * (NUM_LAYERS // (args.pp * chunks)))
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     expert_offset = ep_rank * (MOE["num_moe_experts"] // args.ep) if args.moe else 0
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+
+    def split_of(name: str) -> tuple[int, int, object]:
+        """(size, rank, group) of the tensor-parallel split this parameter follows: experts are split
+        over the expert-tensor-parallel group (Megatron's ETP), everything else over TP."""
+        if ".mlp.experts." in name:
+            return (
+                parallel_state.get_expert_tensor_parallel_world_size(),
+                parallel_state.get_expert_tensor_parallel_rank(),
+                parallel_state.get_expert_tensor_parallel_group(),
+            )
+        return args.tp, tp_rank, tp_group
 
     if args.phase == "par":
         ref = torch.load(args.ref, weights_only=True)
@@ -206,7 +220,8 @@ def run(args) -> int:
             for model, layer_offset in zip(models, offsets):
                 for name, param in model.named_parameters():
                     full = ref["weights"][global_name(name, layer_offset, expert_offset)]
-                    param.copy_(shard(name, full, tp_rank, args.tp))
+                    size, rank, _ = split_of(name)
+                    param.copy_(shard(name, full, rank, size))
 
     # Data parallelism: each DP rank takes its share of the reference micro-batches.
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -240,7 +255,6 @@ def run(args) -> int:
     torch.distributed.all_reduce(stats, group=parallel_state.get_pipeline_model_parallel_group())
     torch.distributed.all_reduce(stats, group=dp_group)
     loss_sum, total_tokens = stats.tolist()
-    tp_group = parallel_state.get_tensor_model_parallel_group()
     grads = {}
     for model, layer_offset in zip(models, offsets):
         for name, param in model.named_parameters():
@@ -265,8 +279,9 @@ def run(args) -> int:
     worst = 0.0
     failures = []
     for (name, layer_offset), grad in grads.items():
-        parts = [torch.empty_like(grad) for _ in range(args.tp)]
-        torch.distributed.all_gather(parts, grad.contiguous(), group=tp_group)
+        size, _, group = split_of(name)
+        parts = [torch.empty_like(grad) for _ in range(size)]
+        torch.distributed.all_gather(parts, grad.contiguous(), group=group)
         full = unshard(name, parts)
         expected = ref["grads"][global_name(name, layer_offset, expert_offset)]
         diff = (full - expected).abs().max().item()
@@ -303,6 +318,7 @@ def main() -> None:
     parser.add_argument("--sp", action="store_true", help="sequence parallelism (par phase)")
     parser.add_argument("--moe", action="store_true", help="4 experts, top-2, in every layer")
     parser.add_argument("--ep", type=int, default=1, help="expert parallelism (par phase)")
+    parser.add_argument("--etp", type=int, default=None, help="expert tensor parallelism (default: TP)")
     parser.add_argument("--vpp", type=int, default=1, help="virtual pipeline stages per rank (par phase)")
     parser.add_argument("--clean-attention", default="block_causal")
     parser.add_argument("--loss-normalizer", default="eligible")

@@ -66,6 +66,11 @@ CASES = {
     "tp2-sequence-parallel": (2, 1, ["--sp"]),
     "tp2-sequence-parallel-tied": (2, 1, ["--sp", "--tied"]),
     "moe-ep2": (1, 1, ["--moe", "--ep", "2"]),
+    # the Qwen3-30B-A3B layout in miniature: attention split by TP with sequence parallelism,
+    # whole experts spread by EP over the same ranks (expert tensor parallelism 1)
+    "moe-tp2-sp-ep2-etp1": (2, 1, ["--moe", "--sp", "--ep", "2", "--etp", "1"]),
+    # experts split by tensor parallelism too (ETP = TP = 2, EP = 1)
+    "moe-tp2-sp-etp2": (2, 1, ["--moe", "--sp", "--etp", "2"]),
     "pp2": (1, 2, []),
     "pp2-virtual-stages": (1, 2, ["--vpp", "2"]),
     "dp2-masked-normalizer": (1, 1, ["--loss-normalizer", "masked"]),
