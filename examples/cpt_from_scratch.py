@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 
@@ -198,13 +199,13 @@ def parse_losses(log: str) -> list[float]:
 
 
 def data_tokens_per_second(log: str, seq_length: int, global_batch_size: int) -> float | None:
-    """Clean (data) tokens per second from Megatron's per-iteration times, skipping the first
-    logged interval (compilation and warm-up)."""
+    """Clean (data) tokens per second from Megatron's per-iteration times: the median over the logged
+    intervals after the first (which compiles), so an interval holding a validation pass or a
+    recompilation for its shapes does not drag the figure down."""
     times = [float(m) for m in re.findall(r"elapsed time per iteration \(ms\): ([0-9.]+)", log)]
     if len(times) < 2:
         return None
-    steady = times[1:]
-    return global_batch_size * seq_length / (sum(steady) / len(steady) / 1000.0)
+    return global_batch_size * seq_length / (statistics.median(times[1:]) / 1000.0)
 
 
 def main(argv: list[str] | None = None) -> dict:

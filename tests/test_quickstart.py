@@ -54,8 +54,9 @@ def test_log_parsing():
         " iteration       10/     300 | elapsed time per iteration (ms): 900.0 | lm loss: 7.5E+00 |\n"
         " iteration       20/     300 | elapsed time per iteration (ms): 100.0 | lm loss: 6.25 |\n"
         " iteration       30/     300 | elapsed time per iteration (ms): 300.0 | lm loss: 5.0 |\n"
+        " iteration       40/     300 | elapsed time per iteration (ms): 200.0 | lm loss: 4.0 |\n"
     )
-    assert quickstart.parse_losses(log) == [7.5, 6.25, 5.0]
+    assert quickstart.parse_losses(log) == [7.5, 6.25, 5.0, 4.0]
     assert quickstart.data_tokens_per_second(log, seq_length=512, global_batch_size=32) == 32 * 512 / 0.2
 
 
