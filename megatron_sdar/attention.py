@@ -130,6 +130,20 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def core_attention_scale(config: TransformerConfig, softmax_scale: float | None, what: str) -> float:
+    """Refuse what these core attentions do not implement; the softmax scale to use."""
+    if config.context_parallel_size != 1:
+        raise ValueError(
+            f"{what} does not support context parallelism yet (--context-parallel-size must be 1)"
+        )
+    if config.attention_dropout != 0.0:
+        raise ValueError(
+            f"{what} does not implement attention dropout (got "
+            f"attention_dropout={config.attention_dropout}); set --attention-dropout 0"
+        )
+    return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+
+
 class SDARCoreAttention(MegatronModule):
     """Core attention over ``[x_t ; x_0]`` under the SDAR mask.
 
@@ -153,15 +167,7 @@ class SDARCoreAttention(MegatronModule):
         kernel_options: dict | None = None,
     ) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError(
-                "SDAR attention does not support context parallelism yet (--context-parallel-size must be 1)"
-            )
-        if config.attention_dropout != 0.0:
-            raise ValueError(
-                f"SDAR attention does not implement attention dropout (got "
-                f"attention_dropout={config.attention_dropout}); set --attention-dropout 0"
-            )
+        self.softmax_scale = core_attention_scale(config, softmax_scale, "SDAR attention")
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown SDAR attention backend {backend!r}; use one of {ATTENTION_BACKENDS}")
         self.layer_number = layer_number
@@ -169,8 +175,6 @@ class SDARCoreAttention(MegatronModule):
         self.backend = backend
         self.mask_cache = mask_cache if mask_cache is not None else MASK_CACHE
         self.kernel_options = dict(kernel_options) if kernel_options is not None else None
-        head_dim = config.kv_channels
-        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
 
     def forward(
         self,
@@ -237,21 +241,10 @@ class CausalCoreAttention(MegatronModule):
         pg_collection: Any = None,
     ) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError(
-                "causal SDPA attention does not support context parallelism (--context-parallel-size 1)"
-            )
-        if config.attention_dropout != 0.0:
-            raise ValueError(
-                f"causal SDPA attention does not implement attention dropout (got "
-                f"attention_dropout={config.attention_dropout}); set --attention-dropout 0"
-            )
+        self.softmax_scale = core_attention_scale(config, softmax_scale, "causal SDPA attention")
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
             raise ValueError(f"causal SDPA attention supports causal masks only, got {attn_mask_type}")
         self.layer_number = layer_number
-        self.softmax_scale = (
-            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
-        )
 
     def forward(
         self,
