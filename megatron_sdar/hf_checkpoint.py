@@ -8,6 +8,9 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+# The tools' --dtype names -> torch dtype attribute names (and HF config ``torch_dtype`` values).
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
 SUPPORTED = {
     "LlamaForCausalLM": "llama",
     "Qwen3ForCausalLM": "qwen3",

@@ -31,7 +31,7 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "tokenizer.model", "added_tokens.json", "chat_template.jinja", "generation_config.json",
 )  # fmt: skip
-DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+from megatron_sdar.hf_checkpoint import DTYPES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,8 @@ import warnings
 warnings.filterwarnings("ignore", category=UserWarning)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+from megatron_sdar.hf_checkpoint import DTYPES  # noqa: E402
+
 HF_CLASSES = {
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),

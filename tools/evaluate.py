@@ -24,18 +24,15 @@ import warnings
 warnings.filterwarnings("ignore", category=UserWarning)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+from megatron_sdar.hf_checkpoint import DTYPES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from megatron_sdar.inference.loading import add_model_source_args
     from megatron_sdar.inference.strategies import STRATEGIES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--hf-dir")
-    source.add_argument("--load", help="Megatron checkpoint folder")
-    p.add_argument("--iteration", default=None)
-    p.add_argument("--tokenizer", default=None)
+    add_model_source_args(p)
     p.add_argument("--mode", choices=("sdar", "ar"), default="sdar")
     p.add_argument("--math", help="JSONL math problems (question, answer with '#### N')")
     p.add_argument("--limit", type=int, default=None, help="first N problems")

@@ -24,19 +24,15 @@ import warnings
 warnings.filterwarnings("ignore", category=UserWarning)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+from megatron_sdar.hf_checkpoint import DTYPES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from megatron_sdar.inference.loading import add_model_source_args
     from megatron_sdar.inference.strategies import STRATEGIES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--hf-dir", help="HF folder (SDAR export, or a plain model for --mode ar)")
-    source.add_argument("--load", help="Megatron checkpoint folder (converted or written by training); "
-                                       "under torchrun, tensor parallel over all ranks")  # fmt: skip
-    p.add_argument("--iteration", default=None, help="checkpoint iteration or 'release' (default: latest)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: found with the model)")
+    add_model_source_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="text file (one prompt per line) or JSONL with a 'prompt' field")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Any
 
 import torch
 
 from megatron_sdar.hf_checkpoint import Architecture, checkpoint_architecture, resolve_checkpoint
+
+
+def add_model_source_args(parser: argparse.ArgumentParser) -> None:
+    """The flags saying which model to load: an HF folder or a Megatron checkpoint, and its tokenizer."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf-dir", help="HF folder (SDAR export, or a plain model for --mode ar)")
+    source.add_argument("--load", help="Megatron checkpoint folder (converted or written by training); "
+                                       "under torchrun, tensor parallel over all ranks")  # fmt: skip
+    parser.add_argument(
+        "--iteration", default=None, help="checkpoint iteration or 'release' (default: latest)"
+    )
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer directory (default: found with the model)"
+    )
 
 
 def _init_world() -> int:
