@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +50,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.timing import cuda_time, wall_time  # noqa: E402
+from megatron_sdar.training import json_object  # noqa: E402
 
 TILE = 128  # FlexAttention's default BlockMask tile
 
@@ -80,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations (these also compile)")
     p.add_argument("--iters", type=int, default=20, help="timed iterations (median reported)")
     p.add_argument(
-        "--kernel-options", type=json.loads, default=None, help="FlexAttention kernel options (JSON)"
+        "--kernel-options", type=json_object, default=None, help="FlexAttention kernel options (JSON)"
     )
     p.add_argument("--sweep", action="store_true", help="time candidate kernel options at the first L and B")
     p.add_argument("--check", action="store_true", help="only compare flex with dense-mask SDPA, then exit")
@@ -158,40 +159,6 @@ def mask_density(layout: torch.Tensor, clean_attention: str, rows: int = 1024) -
 def tile_density(block_mask) -> float:
     """Fraction of ``TILE x TILE`` tiles the kernel visits (partial or full)."""
     return 1.0 - block_mask.sparsity() / 100.0
-
-
-# ---------------------------------------------------------------------------------------------------
-# timing
-
-
-def cuda_time(fn: Callable[[], object], warmup: int, iters: int) -> float:
-    """Median milliseconds of ``fn()`` over ``iters`` runs, measured with CUDA events after warm-up."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def wall_time(fn: Callable[[], object], warmup: int, iters: int) -> float:
-    """Median wall-clock milliseconds of ``fn()`` (host work included), synchronised."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def fwd_bwd(attend: Callable, q, k, v, grad) -> Callable[[], object]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -40,6 +39,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.timing import cuda_time  # noqa: E402
+from megatron_sdar.training import json_object  # noqa: E402
 
 OBJECTIVES = ("sdar", "ar", "hf-sdar")
 
@@ -69,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(on by default, as in the training loop's defaults plus --cross-entropy-loss-fusion)",
     )
     p.add_argument(
-        "--kernel-options", type=json.loads, default=None, help="FlexAttention kernel options (JSON)"
+        "--kernel-options", type=json_object, default=None, help="FlexAttention kernel options (JSON)"
     )
     p.add_argument(
         "--kernel-options-from",
@@ -175,7 +177,7 @@ def build_model(args, objective: str) -> torch.nn.Module:
 
 
 def step_fn(args, objective: str, model, batch) -> Callable[[], None]:
-    """One forward+backward of ``objective`` on ``batch``."""
+    """One forward+backward of ``objective`` on ``batch`` (gradients cleared first, not accumulated)."""
     from megatron_sdar.loss import sdar_loss
     from megatron_sdar.training import ar_forward
 
@@ -209,41 +211,26 @@ def step_fn(args, objective: str, model, batch) -> Callable[[], None]:
             loss = (ce * batch.masked / batch.mask_prob).sum() / batch.eligible.sum()
             loss.backward()
 
-    return step
-
-
-def time_steps(step: Callable[[], None], model, warmup: int, iters: int) -> float:
-    """Median milliseconds of one step (CUDA events), after ``warmup`` untimed steps."""
-    for _ in range(warmup):
+    def fresh_step():
         model.zero_grad(set_to_none=True)
         step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        model.zero_grad(set_to_none=True)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+
+    return fresh_step
 
 
-def profile(step: Callable[[], None], model) -> None:
+def profile(step: Callable[[], None]) -> None:
     """Where the time of two steps goes, by CUDA kernel (printed)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
-            model.zero_grad(set_to_none=True)
             step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
 
 
-def step_flops(args, objective: str, model, batch) -> int:
+def step_flops(args, objective: str, batch) -> int:
     from megatron_sdar.flops import ModelShape, ar_step_flops, sdar_step_flops
 
     shape = ModelShape.from_config(transformer_config(args), args.vocab_size)
@@ -270,10 +257,10 @@ def run_objective(args, objective: str) -> list[dict]:
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             step = step_fn(args, objective, model, batch)
-            ms = time_steps(step, model, args.warmup, args.iters)
+            ms = cuda_time(step, args.warmup, args.iters)
             if args.profile and not rows:
-                profile(step, model)
-            flops = step_flops(args, objective, model, batch)
+                profile(step)
+            flops = step_flops(args, objective, batch)
             row.update(
                 ms=ms,
                 data_tokens_per_s=micro_batch * args.seq_length / (ms / 1e3),

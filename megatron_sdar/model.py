@@ -84,9 +84,12 @@ def ar_layer_spec(
     :class:`~megatron_sdar.attention.CausalCoreAttention` (flash SDPA) instead of Megatron's
     score-materialising ``DotProductAttention``, so both objectives run comparable kernels.
     """
-    if use_transformer_engine:
-        return _layer_spec(config, True, vp_stage, lambda base: base)
-    return _layer_spec(config, False, vp_stage, lambda base: with_core_attention(base, CausalCoreAttention))
+    attend = (
+        (lambda base: base)
+        if use_transformer_engine
+        else partial(with_core_attention, builder=CausalCoreAttention)
+    )
+    return _layer_spec(config, use_transformer_engine, vp_stage, attend)
 
 
 def _layer_spec(

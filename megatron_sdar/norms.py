@@ -13,6 +13,8 @@ Megatron-Core's torch fallback (``WrappedTorchNorm``) has two costs this norm re
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -28,14 +30,10 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
 
 
-_compiled: dict[str, object] = {}
-
-
+@functools.cache
 def _fused(name: str):
     """The compiled norm function (compiled lazily, once per process)."""
-    if name not in _compiled:
-        _compiled[name] = torch.compile(_rms_norm if name == "RMSNorm" else _layer_norm)
-    return _compiled[name]
+    return torch.compile(_rms_norm if name == "RMSNorm" else _layer_norm)
 
 
 class TorchNorm(torch.nn.Module):

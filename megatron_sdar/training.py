@@ -80,7 +80,7 @@ def add_sdar_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--sdar-attention-backend", choices=["auto", "flex", "sdpa"], default="auto")
     g.add_argument(
         "--sdar-flex-kernel-options",
-        type=_json_object,
+        type=json_object,
         default=None,
         help="FlexAttention kernel options as JSON (default: tuned tiles on Hopper at head dim 128, "
         "FlexAttention's own elsewhere; '{}' for FlexAttention's own everywhere); "
@@ -95,7 +95,7 @@ def add_sdar_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser  # fmt: skip
 
 
-def _json_object(text: str) -> dict:
+def json_object(text: str) -> dict:
     """argparse type: a JSON object (an error that says what is wrong otherwise)."""
     try:
         value = json.loads(text)
