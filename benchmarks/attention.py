@@ -5,18 +5,22 @@ For each clean window length ``L`` and SDAR block size ``B`` the benchmark times
 backward pass of
 
 * SDAR attention over ``[x_t ; x_0]`` (2L tokens) under the SDAR mask, through the library
-  (``SDARCoreAttention`` with the ``flex`` backend, ``--path library``, the default) or through a
-  compiled ``flex_attention`` fed the library's ``BlockMask`` (``--path direct``);
+  (``SDARCoreAttention``, ``--path library``, the default) with each of ``--backends``: ``flex``
+  (FlexAttention) and ``split`` (variable-length causal flash attention plus a local band, merged by
+  log-sum-exp), or through a compiled ``flex_attention`` fed the library's ``BlockMask``
+  (``--path direct``, flex only);
 * ``scaled_dot_product_attention(is_causal=True)`` over 2L tokens (the flash kernel);
 
 in bf16, batch 1, 16 query heads / 8 KV heads (GQA through ``enable_gqa``), head dim 128 (the
 Qwen3-1.7B attention shape). Each measurement runs warm-up iterations first (which also compile),
-then times ``--iters`` iterations with CUDA events and reports the median. Building the
-``BlockMask`` (compiled) is timed separately, since one mask serves every layer of a micro-batch.
+then times ``--iters`` iterations with CUDA events and reports the median. Building the mask
+(the compiled ``BlockMask`` for flex, the split plan for split) is timed separately, since one mask
+serves every layer of a micro-batch.
 
-Columns: ``sdar ms`` and ``causal ms`` (forward+backward), ``ratio`` (sdar / causal; T1 asks for
-<= 0.60 at L=4096, B=4), ``mask ms`` (building the ``BlockMask``), ``density`` (allowed entries of
-the 2L x 2L matrix) and ``tiles`` (fraction of 128 x 128 tiles the kernel visits).
+Columns: ``backend``, ``sdar ms`` and ``causal ms`` (forward+backward), ``ratio`` (sdar / causal;
+T1 asks for <= 0.60 at L=4096, B=4), ``mask ms`` (building that backend's mask), ``density``
+(allowed entries of the 2L x 2L matrix) and ``tiles`` (fraction of 128 x 128 tiles FlexAttention
+visits).
 
 Usage::
 
@@ -31,7 +35,7 @@ times a list of candidate options (tile sizes, warps, stages, TMA, row safety) a
 and ``B``, then their best forward and backward choices combined, and reports the fastest: the
 value to give ``--sdar-flex-kernel-options``.
 
-``--check`` compares FlexAttention's output and gradients with ``scaled_dot_product_attention``
+``--check`` compares the output and gradients of both backends with ``scaled_dot_product_attention``
 under the dense mask of ``megatron_sdar.masks.dense_sdar_mask`` on a small multi-document window
 (bf16, both clean-half variants), prints the largest differences, and exits non-zero when one
 exceeds the tolerance.
@@ -76,7 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--path",
         choices=["library", "direct"],
         default="library",
-        help="library: SDARCoreAttention (flex backend); direct: torch.compile(flex_attention)",
+        help="library: SDARCoreAttention; direct: torch.compile(flex_attention) (flex only)",
+    )
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        choices=["flex", "split"],
+        default=["flex", "split"],
+        help="SDAR attention back ends to time (library path)",
     )
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations (these also compile)")
     p.add_argument("--iters", type=int, default=20, help="timed iterations (median reported)")
@@ -175,8 +186,14 @@ def causal_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def library_attention(args, clean_attention: str, layout: torch.Tensor, kernel_options: dict | None = None):
-    """``SDARCoreAttention`` (flex backend) as Megatron calls it: ``[s, b, h, d]`` in, ``[s, b, h*d]``
+def library_attention(
+    args,
+    clean_attention: str,
+    layout: torch.Tensor,
+    kernel_options: dict | None = None,
+    backend: str = "flex",
+):
+    """``SDARCoreAttention`` as Megatron calls it: ``[s, b, h, d]`` in, ``[s, b, h*d]``
     out, with the mask built once per layout by its cache."""
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -191,7 +208,7 @@ def library_attention(args, clean_attention: str, layout: torch.Tensor, kernel_o
         kv_channels=args.head_dim,
     )
     module = SDARCoreAttention(
-        config, 1, AttnMaskType.arbitrary, "self", clean_attention=clean_attention, backend="flex",
+        config, 1, AttnMaskType.arbitrary, "self", clean_attention=clean_attention, backend=backend,
         mask_cache=SDARMaskCache(), kernel_options=kernel_options,
     )  # fmt: skip
     return lambda q, k, v: module(q, k, v, layout)
@@ -202,9 +219,9 @@ def to_sbhd(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.detach().permute(2, 0, 1, 3).contiguous().requires_grad_(t.requires_grad) for t in tensors]
 
 
-def library_bhsd(args, clean_attention: str, layout: torch.Tensor) -> Callable:
+def library_bhsd(args, clean_attention: str, layout: torch.Tensor, backend: str = "flex") -> Callable:
     """The library path taking and returning ``[b, h, s, d]`` tensors (for comparisons only)."""
-    attend = library_attention(args, clean_attention, layout)
+    attend = library_attention(args, clean_attention, layout, backend=backend)
 
     def wrapped(q, k, v):
         out = attend(*(t.permute(2, 0, 1, 3) for t in (q, k, v)))  # [s, b, h*d]
@@ -235,10 +252,12 @@ def direct_attention(block_mask, kernel_options: dict | None = None) -> Callable
 
 def benchmark(args) -> list[dict]:
     from megatron_sdar.masks import build_block_mask
+    from megatron_sdar.split_attention import build_split_plan
 
+    backends = args.backends if args.path == "library" else ["flex"]
     rows = []
     header = (
-        f"{'L':>6} {'B':>4} {'sdar ms':>9} {'causal ms':>10} {'ratio':>7} {'mask ms':>8} "
+        f"{'L':>6} {'B':>4} {'backend':>8} {'sdar ms':>9} {'causal ms':>10} {'ratio':>7} {'mask ms':>8} "
         f"{'density':>8} {'tiles':>7}"
     )
     print(f"path={args.path} clean={args.clean_attention} batch={args.batch} heads={args.heads}/"
@@ -253,34 +272,41 @@ def benchmark(args) -> list[dict]:
                 print(f"{seq_len:>6} {block:>4}  skipped: L is not a multiple of B")
                 continue
             layout = make_layout(args.batch, doc_lengths(seq_len, args.doc_length), block, "cuda")
-
-            def build(layout=layout):
-                return build_block_mask(layout, args.clean_attention, compile=True)
-
-            mask_ms = wall_time(build, warmup=2, iters=max(5, args.iters // 2))  # warm-up compiles
-            block_mask = build()
-            if args.path == "library":
-                attend = library_attention(args, args.clean_attention, layout, args.kernel_options)
-                inputs = (*to_sbhd(q, k, v), grad.permute(2, 0, 1, 3).reshape(2 * seq_len, args.batch, -1))
-            else:
-                attend, inputs = direct_attention(block_mask, args.kernel_options), (q, k, v, grad)
-            sdar_ms = cuda_time(fwd_bwd(attend, *inputs), args.warmup, args.iters)
-            del inputs
-            row = dict(
-                L=seq_len,
-                B=block,
-                sdar_ms=sdar_ms,
-                causal_ms=causal_ms,
-                ratio=sdar_ms / causal_ms,
-                mask_ms=mask_ms,
-                density=mask_density(layout, args.clean_attention),
-                tile_density=tile_density(block_mask),
-            )
-            rows.append(row)
-            print(
-                f"{seq_len:>6} {block:>4} {sdar_ms:>9.3f} {causal_ms:>10.3f} {row['ratio']:>7.3f} "
-                f"{mask_ms:>8.3f} {row['density']:>8.3f} {row['tile_density']:>7.3f}"
-            )
+            builders = {
+                "flex": lambda layout=layout: build_block_mask(layout, args.clean_attention, compile=True),
+                "split": lambda layout=layout: build_split_plan(layout, args.clean_attention),
+            }
+            block_mask = builders["flex"]()
+            density, tiles = mask_density(layout, args.clean_attention), tile_density(block_mask)
+            for backend in backends:
+                # warm-up compiles the flex mask builder
+                mask_ms = wall_time(builders[backend], warmup=2, iters=max(5, args.iters // 2))
+                if args.path == "library":
+                    attend = library_attention(
+                        args, args.clean_attention, layout, args.kernel_options, backend=backend
+                    )
+                    grad_sbhd = grad.permute(2, 0, 1, 3).reshape(2 * seq_len, args.batch, -1)
+                    inputs = (*to_sbhd(q, k, v), grad_sbhd)
+                else:
+                    attend, inputs = direct_attention(block_mask, args.kernel_options), (q, k, v, grad)
+                sdar_ms = cuda_time(fwd_bwd(attend, *inputs), args.warmup, args.iters)
+                del inputs
+                row = dict(
+                    L=seq_len,
+                    B=block,
+                    backend=backend,
+                    sdar_ms=sdar_ms,
+                    causal_ms=causal_ms,
+                    ratio=sdar_ms / causal_ms,
+                    mask_ms=mask_ms,
+                    density=density,
+                    tile_density=tiles,
+                )
+                rows.append(row)
+                print(
+                    f"{seq_len:>6} {block:>4} {backend:>8} {sdar_ms:>9.3f} {causal_ms:>10.3f} "
+                    f"{row['ratio']:>7.3f} {mask_ms:>8.3f} {density:>8.3f} {tiles:>7.3f}"
+                )
         del q, k, v, grad
         torch.cuda.empty_cache()
     return rows
@@ -349,7 +375,7 @@ def sweep(args) -> dict:
 
 
 def check(args) -> tuple[dict, bool]:
-    """Flex (library and direct) vs dense-mask SDPA, output and input gradients, bf16."""
+    """Flex (library and direct) and split vs dense-mask SDPA, output and input gradients, bf16."""
     from megatron_sdar.masks import build_block_mask, dense_sdar_mask
 
     seq_len, block = args.check_length, args.check_block_size
@@ -374,6 +400,7 @@ def check(args) -> tuple[dict, bool]:
         candidates = {
             "library": library_bhsd(args, clean, layout),
             "direct": direct_attention(build_block_mask(layout, clean, compile=True)),
+            "split": library_bhsd(args, clean, layout, backend="split"),
         }
         for path, attend in candidates.items():
             got = [attend(q, k, v).detach(), *fwd_bwd(attend, q, k, v, grad)()]
@@ -387,7 +414,7 @@ def check(args) -> tuple[dict, bool]:
             shown = [
                 f"{n} {d['max_abs_diff']:.3e} (max|ref| {d['max_abs_ref']:.2f})" for n, d in diffs.items()
             ]
-            print(f"  {clean:>12} {path:>7}: max |flex - sdpa|: " + ", ".join(shown))
+            print(f"  {clean:>12} {path:>7}: max |got - sdpa|: " + ", ".join(shown))
     print("check passed" if ok else "check FAILED")
     return results, ok
 

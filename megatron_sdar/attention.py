@@ -9,6 +9,8 @@ mask, and nothing unpicklable ever crosses ``save_for_backward``.
 Back ends, one meaning:
 
 * ``flex``: FlexAttention with a ``BlockMask`` built from the mask function (CUDA; compiled);
+* ``split``: one variable-length causal flash-attention call plus a narrow local band, merged by
+  log-sum-exp (:mod:`megatron_sdar.split_attention`; CUDA with fp16/bf16, or a slow CPU reference);
 * ``sdpa``: ``scaled_dot_product_attention`` with a dense boolean mask (CPU, tests, reference).
 
 GQA is passed through to both kernels (``enable_gqa``) instead of repeating K/V.
@@ -27,8 +29,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_sdar.masks import CleanAttention, build_block_mask, dense_sdar_mask
+from megatron_sdar.split_attention import build_split_plan, split_sdar_attention
 
-ATTENTION_BACKENDS = ("auto", "flex", "sdpa")
+ATTENTION_BACKENDS = ("auto", "flex", "split", "sdpa")
 
 
 class SDARMaskCache:
@@ -70,6 +73,8 @@ class SDARMaskCache:
         with torch.no_grad():
             if backend == "flex":
                 mask = build_block_mask(layout, clean_attention, compile=layout.is_cuda)
+            elif backend == "split":
+                mask = build_split_plan(layout, clean_attention)
             else:
                 mask = dense_sdar_mask(layout, clean_attention)
         self.builds += 1
@@ -200,13 +205,19 @@ class SDARCoreAttention(MegatronModule):
                 f"query covers {seq} tokens x {batch} rows but the layout describes "
                 f"2 x {attention_mask.shape[-1]} tokens x {attention_mask.shape[0]} rows"
             )
+        backend = resolve_backend(self.backend, query.device)
+        mask = self.mask_cache.get(attention_mask, self.clean_attention, backend)
+        if backend == "split":
+            # [s, b, h, d] -> [b, s, h, d] and back
+            out = split_sdar_attention(
+                query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), mask, self.softmax_scale
+            )
+            return out.transpose(0, 1).reshape(seq, batch, -1)
         # [s, b, h, d] -> [b, h, s, d]
         q = query.permute(1, 2, 0, 3)
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
         gqa = q.shape[1] != k.shape[1]
-        backend = resolve_backend(self.backend, query.device)
-        mask = self.mask_cache.get(attention_mask, self.clean_attention, backend)
         if backend == "flex":
             options = self.kernel_options if self.kernel_options is not None else default_kernel_options(q)
             out = _flex_attention()(

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_sdar.attention import ATTENTION_BACKENDS
 from megatron_sdar.batch import build_sdar_batch
 from megatron_sdar.config import LossNormalizer, PositionIds, SDARConfig
 from megatron_sdar.loss import sdar_loss
@@ -77,7 +78,13 @@ def add_sdar_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="continuous (CPT default) or restart per document (SFT default)",
     )
-    g.add_argument("--sdar-attention-backend", choices=["auto", "flex", "sdpa"], default="auto")
+    g.add_argument(
+        "--sdar-attention-backend",
+        choices=ATTENTION_BACKENDS,
+        default="auto",
+        help="auto: flex on CUDA, sdpa on CPU; split: variable-length flash attention plus a local "
+        "band (CUDA, bf16/fp16); see docs/performance.md",
+    )
     g.add_argument(
         "--sdar-flex-kernel-options",
         type=json_object,

@@ -1,5 +1,6 @@
-"""GPU: FlexAttention and dense-mask SDPA give the same SDAR attention (forward and backward, bf16) on
-packed multi-document windows, and one mask serves every layer of a micro-batch."""
+"""GPU: FlexAttention, the split back end (variable-length flash attention plus a local band) and
+dense-mask SDPA give the same SDAR attention (forward and backward, bf16) on packed multi-document
+windows, and one mask serves every layer of a micro-batch."""
 
 from __future__ import annotations
 
@@ -61,24 +62,25 @@ def forward_backward(module, layout, base, dtype=torch.bfloat16) -> list[torch.T
     return [out.detach().float(), q.grad.float(), k.grad.float(), v.grad.float()]
 
 
+@pytest.mark.parametrize("backend", ["flex", "split"])
 @pytest.mark.parametrize("counting", ["document", "window"])
 @pytest.mark.parametrize("clean", ["block_causal", "causal"])
-def test_flex_matches_dense_sdpa(clean, counting):
+def test_fast_backends_match_dense_sdpa(clean, counting, backend):
     from megatron_sdar.attention import SDARMaskCache
 
     layout = packed_layout(counting)
     base = qkv(2 * layout.shape[-1], layout.shape[0])
-    flex = forward_backward(core_attention(clean, "flex", SDARMaskCache()), layout, base)
+    fast = forward_backward(core_attention(clean, backend, SDARMaskCache()), layout, base)
     sdpa = forward_backward(core_attention(clean, "sdpa", SDARMaskCache()), layout, base)
     exact = forward_backward(core_attention(clean, "sdpa", SDARMaskCache()), layout, base, torch.float32)
-    for name, f, s, e in zip(("out", "dq", "dk", "dv"), flex, sdpa, exact):
+    for name, f, s, e in zip(("out", "dq", "dk", "dv"), fast, sdpa, exact):
         scale = e.abs().max().item()
-        flex_vs_sdpa = (f - s).abs().max().item()
-        flex_err, sdpa_err = (f - e).abs().max().item(), (s - e).abs().max().item()
-        print(f"{clean} {counting} {name}: max|flex-sdpa| {flex_vs_sdpa:.2e}, vs fp32: flex {flex_err:.2e} "
-              f"sdpa {sdpa_err:.2e} (max|ref| {scale:.2f})")  # fmt: skip
-        assert flex_vs_sdpa <= 2e-2 * scale, (name, flex_vs_sdpa, scale)
-        assert flex_err <= max(2 * sdpa_err, 1e-2 * scale), (name, flex_err, sdpa_err, scale)
+        fast_vs_sdpa = (f - s).abs().max().item()
+        fast_err, sdpa_err = (f - e).abs().max().item(), (s - e).abs().max().item()
+        print(f"{backend} {clean} {counting} {name}: max|{backend}-sdpa| {fast_vs_sdpa:.2e}, vs fp32: "
+              f"{backend} {fast_err:.2e} sdpa {sdpa_err:.2e} (max|ref| {scale:.2f})")  # fmt: skip
+        assert fast_vs_sdpa <= 2e-2 * scale, (name, fast_vs_sdpa, scale)
+        assert fast_err <= max(2 * sdpa_err, 1e-2 * scale), (name, fast_err, sdpa_err, scale)
 
 
 def test_one_mask_for_all_layers():
