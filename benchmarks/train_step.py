@@ -6,6 +6,8 @@ objective and times forward+backward steps:
 
 * ``sdar``: ``SDARModel`` over ``[x_t ; x_0]`` (2L tokens) under the SDAR mask (FlexAttention), the
   output layer and cross-entropy on the noised half only (Megatron-Core, this library);
+* ``sdar-split``: the same with the ``split`` attention back end (variable-length flash attention
+  plus a FlexAttention band, :mod:`megatron_sdar.split_attention`);
 * ``ar``: Megatron-Core's ``GPTModel`` with the causal-LM loss over L tokens (flash SDPA attention,
   :func:`megatron_sdar.model.ar_layer_spec`);
 * ``hf-sdar``: the way the released SDAR code trains: ``transformers``' ``Qwen3ForCausalLM`` with
@@ -43,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.timing import cuda_time  # noqa: E402
 from megatron_sdar.training import json_object  # noqa: E402
 
-OBJECTIVES = ("sdar", "ar", "hf-sdar")
+OBJECTIVES = ("sdar", "sdar-split", "ar", "hf-sdar")
+SDAR_BACKENDS = {"sdar": "flex", "sdar-split": "split"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -124,12 +127,12 @@ def transformer_config(args):
     )  # fmt: skip
 
 
-def sdar_config(args):
+def sdar_config(args, objective: str = "sdar"):
     from megatron_sdar.config import SDARConfig
 
     return SDARConfig(
-        block_size=args.block_size, mask_token_id=args.vocab_size - 1, attention_backend="flex",
-        flex_kernel_options=args.kernel_options,
+        block_size=args.block_size, mask_token_id=args.vocab_size - 1,
+        attention_backend=SDAR_BACKENDS.get(objective, "flex"), flex_kernel_options=args.kernel_options,
     )  # fmt: skip
 
 
@@ -158,12 +161,12 @@ def build_model(args, objective: str) -> torch.nn.Module:
         cfg._attn_implementation = "flex_attention"
         return Qwen3ForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16)
     config = transformer_config(args)
-    if objective == "sdar":
+    if objective in SDAR_BACKENDS:
         from megatron_sdar.model import build_sdar_model
 
         return build_sdar_model(
-            config, sdar_config(args), vocab_size=args.vocab_size, max_sequence_length=2 * args.seq_length,
-            share_embeddings_and_output_weights=tied,
+            config, sdar_config(args, objective), vocab_size=args.vocab_size,
+            max_sequence_length=2 * args.seq_length, share_embeddings_and_output_weights=tied,
         ).cuda()  # fmt: skip
     from megatron.core.models.gpt import GPTModel
 
@@ -181,7 +184,7 @@ def step_fn(args, objective: str, model, batch) -> Callable[[], None]:
     from megatron_sdar.loss import sdar_loss
     from megatron_sdar.training import ar_forward
 
-    if objective == "sdar":
+    if objective in SDAR_BACKENDS:
 
         def step():
             out = model(batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels)
@@ -285,7 +288,7 @@ def run_objective(args, objective: str) -> list[dict]:
 
 
 def format_row(row: dict) -> str:
-    head = f"{row['objective']:>8} {row['micro_batch']:>4} {row['seq_length']:>6}"
+    head = f"{row['objective']:>10} {row['micro_batch']:>4} {row['seq_length']:>6}"
     if row.get("oom"):
         return f"{head}   out of memory"
     return (
@@ -319,6 +322,12 @@ def summary(rows: list[dict]) -> dict:
             out["T2b_sdar_over_hf_sdar_micro_batch_1"] = at1["sdar"] / at1["hf-sdar"]
     if "sdar" in best:
         out["T3_sdar_mfu_best"] = best["sdar"]["mfu"]
+    if "sdar-split" in best:
+        out["T3_sdar_split_mfu_best"] = best["sdar-split"]["mfu"]
+        if "ar" in best:
+            out["T2_sdar_split_over_ar_best"] = (
+                best["sdar-split"]["data_tokens_per_s"] / best["ar"]["data_tokens_per_s"]
+            )
     return out
 
 
@@ -351,14 +360,14 @@ def main(argv: list[str] | None = None) -> int:
         ("MFU%", 6),
         ("peak GiB", 8),
     )
-    print(f"{'objective':>8} " + " ".join(f"{name:>{width}}" for name, width in columns))
+    print(f"{'objective':>10} " + " ".join(f"{name:>{width}}" for name, width in columns))
     rows = []
     for objective in args.objectives:
         try:
             rows += run_objective(args, objective)
         except Exception as exc:  # a baseline that cannot run here must not hide the others
             rows.append({"objective": objective, "error": f"{type(exc).__name__}: {exc}"[:2000]})
-            print(f"{objective:>8} failed: {rows[-1]['error']}", flush=True)
+            print(f"{objective:>10} failed: {rows[-1]['error']}", flush=True)
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "device": torch.cuda.get_device_name(),
               "rows": rows, "summary": summary([r for r in rows if "error" not in r])}  # fmt: skip
     print(json.dumps(result["summary"], indent=1))
