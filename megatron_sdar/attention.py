@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,7 +29,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_sdar.masks import CleanAttention, build_block_mask, dense_sdar_mask
+from megatron_sdar.masks import LAYOUT_POSITION, CleanAttention, build_block_mask, dense_sdar_mask
+from megatron_sdar.positions import PositionRotaryEmbedding, apply_rope
 from megatron_sdar.split_attention import build_split_plan, split_sdar_attention
 
 ATTENTION_BACKENDS = ("auto", "flex", "split", "sdpa")
@@ -48,10 +50,10 @@ class SDARMaskCache:
     def __init__(self, max_entries: int = 8) -> None:
         self.max_entries = max_entries
         self._entries: OrderedDict[tuple, tuple[torch.Tensor, Any]] = OrderedDict()
-        self.builds = 0  # number of masks built; tests use it to check sharing
+        self.builds = 0  # number of masks built (RoPE tables not counted); tests use it to check sharing
 
     @staticmethod
-    def _key(layout: torch.Tensor, clean_attention: CleanAttention, backend: str) -> tuple:
+    def _key(layout: torch.Tensor, *what: Any) -> tuple:
         return (
             layout.device,
             layout.untyped_storage().data_ptr(),
@@ -60,28 +62,39 @@ class SDARMaskCache:
             layout.stride(),
             layout.dtype,
             layout._version,
-            clean_attention,
-            backend,
+            *what,
         )
 
-    def get(self, layout: torch.Tensor, clean_attention: CleanAttention, backend: str) -> Any:
-        key = self._key(layout, clean_attention, backend)
+    def _lookup(self, key: tuple, layout: torch.Tensor, build: Callable[[], Any]) -> tuple[Any, bool]:
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
-            return entry[1]
+            return entry[1], False
         with torch.no_grad():
-            if backend == "flex":
-                mask = build_block_mask(layout, clean_attention, compile=layout.is_cuda)
-            elif backend == "split":
-                mask = build_split_plan(layout, clean_attention)
-            else:
-                mask = dense_sdar_mask(layout, clean_attention)
-        self.builds += 1
-        self._entries[key] = (layout, mask)
+            value = build()
+        self._entries[key] = (layout, value)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+        return value, True
+
+    def get(self, layout: torch.Tensor, clean_attention: CleanAttention, backend: str) -> Any:
+        def build() -> Any:
+            if backend == "flex":
+                return build_block_mask(layout, clean_attention, compile=layout.is_cuda)
+            if backend == "split":
+                return build_split_plan(layout, clean_attention)
+            return dense_sdar_mask(layout, clean_attention)
+
+        mask, built = self._lookup(self._key(layout, clean_attention, backend), layout, build)
+        self.builds += built
         return mask
+
+    def rope_tables(
+        self, layout: torch.Tensor, rotary: PositionRotaryEmbedding, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[2L, b, 1, d]`` from the layout's position row, shared like the masks."""
+        key = self._key(layout, "rope", rotary.dim, rotary.rotary_base, dtype)
+        return self._lookup(key, layout, lambda: rotary.tables(layout[:, LAYOUT_POSITION], dtype))[0]
 
     def clear(self) -> None:
         self._entries.clear()
@@ -154,7 +167,9 @@ class SDARCoreAttention(MegatronModule):
 
     Inputs follow Megatron's contract: query ``[2L, b, heads_per_tp, d]``, key/value
     ``[2L, b, groups_per_tp, d]``; output ``[2L, b, heads_per_tp * d]``. ``attention_mask`` is the
-    ``[b, 2, L]`` layout tensor.
+    ``[b, 2, L]`` layout tensor, or ``[b, 3, L]`` with the clean positions as a third row: then the
+    query and key arrive without RoPE (``SDARModel`` passes no rotary embedding to Megatron's
+    attention) and it is applied here from tables built once per layout.
     """
 
     def __init__(
@@ -180,6 +195,14 @@ class SDARCoreAttention(MegatronModule):
         self.backend = backend
         self.mask_cache = mask_cache if mask_cache is not None else MASK_CACHE
         self.kernel_options = dict(kernel_options) if kernel_options is not None else None
+        self.rotary: PositionRotaryEmbedding | None = None
+
+    def use_rotary(self, rotary: PositionRotaryEmbedding) -> None:
+        """Apply RoPE here (one compiled kernel on CUDA) when the layout carries positions."""
+        if self.config.rotary_interleaved:
+            raise ValueError("RoPE in the SDAR core attention is non-interleaved (Qwen3, Llama)")
+        # a plain attribute, not a submodule: the settings hold no state
+        object.__setattr__(self, "rotary", rotary)
 
     def forward(
         self,
@@ -191,7 +214,7 @@ class SDARCoreAttention(MegatronModule):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params: Any = None,
     ) -> torch.Tensor:
-        if attention_mask is None or attention_mask.dim() != 3 or attention_mask.shape[1] != 2:
+        if attention_mask is None or attention_mask.dim() != 3 or attention_mask.shape[1] not in (2, 3):
             shape = None if attention_mask is None else tuple(attention_mask.shape)
             raise ValueError(
                 "SDAR attention needs the [batch, 2, L] layout tensor from "
@@ -205,6 +228,14 @@ class SDARCoreAttention(MegatronModule):
                 f"query covers {seq} tokens x {batch} rows but the layout describes "
                 f"2 x {attention_mask.shape[-1]} tokens x {attention_mask.shape[0]} rows"
             )
+        if attention_mask.shape[1] == 3:  # the layout carries positions: RoPE is applied here
+            if self.rotary is None:
+                raise ValueError(
+                    "the layout carries RoPE positions but this SDAR core attention has no rotary "
+                    "settings; SDARModel gives them to its layers (use_rotary)"
+                )
+            cos, sin = self.mask_cache.rope_tables(attention_mask, self.rotary, query.dtype)
+            query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
         backend = resolve_backend(self.backend, query.device)
         mask = self.mask_cache.get(attention_mask, self.clean_attention, backend)
         if backend == "split":

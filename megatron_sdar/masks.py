@@ -23,6 +23,7 @@ import torch
 
 LAYOUT_DOC = 0
 LAYOUT_BLOCK = 1
+LAYOUT_POSITION = 2  # optional: RoPE positions, added by SDARModel so the core attention applies RoPE
 
 
 class BlockCounting(enum.StrEnum):

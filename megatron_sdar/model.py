@@ -182,6 +182,12 @@ class SDARModel(GPTModel):
         self.sdar_config = sdar_config
         self.sdar_rotary = PositionRotaryEmbedding(config.kv_channels, rotary_base, rotary_percent)
         self.rotary_base = rotary_base
+        # RoPE runs inside the SDAR core attentions (fused there; Megatron fuses it only with TE).
+        cores = [m for m in self.modules() if isinstance(m, SDARCoreAttention)]
+        for core in cores:
+            core.use_rotary(self.sdar_rotary)
+        self._rope_in_core = bool(cores)
+        self._last_layout: tuple | None = None
 
     def forward(
         self,
@@ -197,13 +203,43 @@ class SDARModel(GPTModel):
             raise ValueError(f"SDARModel.forward does not take {sorted(unsupported)}")
         if decoder_input is None and self.pre_process:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=None)
-        rotary = self.sdar_rotary(position_ids)
+        if self._rope_in_core:
+            attention_mask, rotary = self._layout_with_positions(attention_mask, position_ids), None
+        else:
+            rotary = self.sdar_rotary(position_ids)
         hidden = self.decoder(
             hidden_states=decoder_input, attention_mask=attention_mask, rotary_pos_emb=rotary
         )
         if not self.post_process:
             return hidden
         return self.noised_half_output(hidden, labels)
+
+    def _layout_with_positions(self, layout: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """``[b, 3, L]``: the layout plus the clean positions (the noised copy repeats them).
+
+        The same layout and position tensors give the same tensor back, so repeated forwards of one
+        micro-batch share the masks and RoPE tables cached per layout.
+        """
+        if layout is None or layout.dim() != 3 or layout.shape[1] != 2:
+            shape = None if layout is None else list(layout.shape)
+            raise ValueError(
+                f"SDARModel needs the [batch, 2, L] layout tensor as attention_mask, got {shape}"
+            )
+        seq = layout.shape[-1]
+        if tuple(position_ids.shape) != (layout.shape[0], 2 * seq):
+            raise ValueError(
+                f"position_ids cover {list(position_ids.shape)} but the layout describes "
+                f"{layout.shape[0]} rows x 2 x {seq} tokens"
+            )
+        memo = self._last_layout
+        if memo is not None and memo[0] is layout and memo[1] is position_ids and memo[2] == (
+            layout._version, position_ids._version
+        ):
+            return memo[3]
+        positions = position_ids[:, :seq].to(layout.dtype).unsqueeze(1)
+        combined = torch.cat([layout, positions], dim=1)
+        self._last_layout = (layout, position_ids, (layout._version, position_ids._version), combined)
+        return combined
 
     def noised_half_output(self, hidden: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Output layer and loss on the noised half ``hidden[:L]`` only.

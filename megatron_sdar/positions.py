@@ -4,9 +4,17 @@ Megatron's stock ``RotaryEmbedding`` always rotates by ``0..seq_len-1``. SDAR ne
 ``x_t`` to carry the clean copy's positions (and, for SFT packing, positions that restart per
 document), so the table is computed from the ``[b, 2L]`` position ids instead. The result has the
 ``[s, b, 1, d]`` shape that Megatron's ``apply_rotary_pos_emb`` broadcasts over heads.
+
+:func:`apply_rope` is the rotation itself, for the SDAR core attention: Megatron fuses RoPE only
+through Transformer Engine and otherwise runs it as a chain of elementwise kernels per query and
+key (cos, sin, casts, the half rotation, two products, a sum, a concatenation, and their
+gradients). Applied in the core attention it is one compiled kernel each way on CUDA, with the
+cos/sin tables built once per micro-batch instead of once per layer.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -33,6 +41,34 @@ class PositionRotaryEmbedding(nn.Module):
         freqs = position_ids.to(torch.float32).transpose(0, 1)[..., None] * self.inv_freq(position_ids.device)
         emb = torch.cat([freqs, freqs], dim=-1)  # [s, b, d]
         return emb[:, :, None, :]
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[2L, b, 1, d]`` in ``dtype`` for ``[x_t ; x_0]`` from the clean positions
+        ``[b, L]`` (the noised copy repeats them), rounded as Megatron's unfused RoPE rounds them."""
+        freqs = self(torch.cat([positions, positions], dim=-1))
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def _rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Megatron's non-interleaved rotation ``t * cos + rotate_half(t) * sin`` over the first
+    ``cos.shape[-1]`` channels, in the same order of operations."""
+    rot = cos.shape[-1]
+    x, rest = t[..., :rot], t[..., rot:]
+    x1, x2 = torch.chunk(x, 2, dim=-1)
+    out = (x * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
+    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+
+@functools.cache
+def _compiled_rope():
+    return torch.compile(_rope)
+
+
+def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``t [s, b, heads, d]`` by the ``[s, b, 1, d_rot]`` tables (compiled on CUDA)."""
+    if t.is_cuda and not torch.compiler.is_compiling():
+        return _compiled_rope()(t, cos, sin)
+    return _rope(t, cos, sin)
 
 
 def sdar_position_ids(doc_ids: torch.Tensor, restart_per_document: bool) -> torch.Tensor:

@@ -82,3 +82,59 @@ def test_fused_norm_function_matches_eager():
 
 def test_kernel_option_defaults_only_for_measured_gpus():
     assert default_kernel_options(torch.randn(1, 4, 8, 128, dtype=torch.bfloat16)) is None  # CPU
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("percent", [1.0, 0.5])
+def test_rope_rotation_is_megatrons_bit_for_bit(dtype, percent):
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from megatron_sdar.positions import PositionRotaryEmbedding, _rope
+
+    torch.manual_seed(0)
+    rotary = PositionRotaryEmbedding(16, rotary_base=1e6, rotary_percent=percent)
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1], [5, 6, 7, 8, 9, 10]])
+    cos, sin = rotary.tables(positions, dtype)
+    t = torch.randn(12, 2, 4, 16).to(dtype)
+    want = _apply_rotary_pos_emb_bshd(t, rotary(torch.cat([positions, positions], -1)))
+    assert torch.equal(_rope(t, cos, sin), want)
+
+
+def test_model_applies_rope_in_core_attention_like_megatron(megatron_world):
+    """SDARModel hands RoPE to its core attentions (positions ride on the layout); the result equals
+    Megatron's own RoPE path for the same model, forward and backward."""
+    from megatron_sdar.batch import build_sdar_batch
+    from megatron_sdar.config import SDARConfig
+    from megatron_sdar.masks import document_ids_from_lengths
+    from tests.helpers import tiny_model
+
+    vocab, seq = 64, 16
+    sdar = SDARConfig(block_size=4, mask_token_id=vocab - 1, position_ids="document")
+    model = tiny_model(sdar, vocab_size=vocab, seq_length=seq, rotary_base=1e6)
+    assert all(
+        core.rotary is model.sdar_rotary for core in model.modules() if isinstance(core, SDARCoreAttention)
+    )
+    tokens = torch.randint(0, vocab - 1, (2, seq), generator=torch.Generator().manual_seed(0))
+    doc_ids = torch.stack([document_ids_from_lengths([7, 9]), document_ids_from_lengths([16])])
+    batch = build_sdar_batch(
+        tokens, doc_ids, torch.ones_like(tokens, dtype=torch.bool), sdar, torch.Generator().manual_seed(1)
+    )
+    results = []
+    for in_core in (True, False):
+        model._rope_in_core = in_core
+        model.zero_grad(set_to_none=True)
+        out = model(batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels)
+        out[..., 0].sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (fused, fused_grads), (megatron, megatron_grads) = results
+    torch.testing.assert_close(fused, megatron, atol=1e-6, rtol=1e-6)
+    for a, b in zip(fused_grads, megatron_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_positions_on_the_layout_need_rotary_settings():
+    module = SDARCoreAttention(config(), 1, AttnMaskType.arbitrary, "self", backend="sdpa")
+    layout = torch.zeros(1, 3, 4, dtype=torch.int32)
+    q = torch.randn(8, 1, 4, 16)
+    with pytest.raises(ValueError, match="no rotary settings"):
+        module(q, q[:, :, :2], q[:, :, :2], layout)
