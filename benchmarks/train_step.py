@@ -8,7 +8,8 @@ objective and times forward+backward steps:
   output layer and cross-entropy on the noised half only (Megatron-Core, this library);
 * ``sdar-split``: the same with the ``split`` attention back end (variable-length flash attention
   plus a FlexAttention band, :mod:`megatron_sdar.split_attention`);
-* ``ar``: Megatron-Core's ``GPTModel`` with the causal-LM loss over L tokens (flash SDPA attention,
+* ``ar``: Megatron-Core's ``GPTModel`` (as :class:`megatron_sdar.model.ARModel`, RoPE in the core
+  attention like the SDAR model) with the causal-LM loss over L tokens (flash SDPA attention,
   :func:`megatron_sdar.model.ar_layer_spec`);
 * ``hf-sdar``: the way the released SDAR code trains: ``transformers``' ``Qwen3ForCausalLM`` with
   FlexAttention over ``[x_t ; x_0]`` and logits on both halves (needs ``transformers``).
@@ -168,11 +169,9 @@ def build_model(args, objective: str) -> torch.nn.Module:
             config, sdar_config(args, objective), vocab_size=args.vocab_size,
             max_sequence_length=2 * args.seq_length, share_embeddings_and_output_weights=tied,
         ).cuda()  # fmt: skip
-    from megatron.core.models.gpt import GPTModel
+    from megatron_sdar.model import ARModel, ar_layer_spec
 
-    from megatron_sdar.model import ar_layer_spec
-
-    return GPTModel(
+    return ARModel(
         config=config, transformer_layer_spec=ar_layer_spec(config), vocab_size=args.vocab_size,
         max_sequence_length=args.seq_length, position_embedding_type="rope",
         share_embeddings_and_output_weights=tied,

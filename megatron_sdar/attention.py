@@ -90,11 +90,16 @@ class SDARMaskCache:
         return mask
 
     def rope_tables(
-        self, layout: torch.Tensor, rotary: PositionRotaryEmbedding, dtype: torch.dtype
+        self,
+        layout: torch.Tensor,
+        rotary: PositionRotaryEmbedding,
+        dtype: torch.dtype,
+        position_ids: Callable[[], torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin ``[2L, b, 1, d]`` from the layout's position row, shared like the masks."""
+        """RoPE cos/sin tables for the ``[b, s]`` ``position_ids()`` the layout carries, shared like
+        the masks (one build per micro-batch for all layers)."""
         key = self._key(layout, "rope", rotary.dim, rotary.rotary_base, dtype)
-        return self._lookup(key, layout, lambda: rotary.tables(layout[:, LAYOUT_POSITION], dtype))[0]
+        return self._lookup(key, layout, lambda: rotary.tables(position_ids(), dtype))[0]
 
     def clear(self) -> None:
         self._entries.clear()
@@ -162,6 +167,15 @@ def core_attention_scale(config: TransformerConfig, softmax_scale: float | None,
     return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
 
 
+def _use_rotary(self: MegatronModule, rotary: PositionRotaryEmbedding) -> None:
+    """Apply RoPE in this core attention (one compiled kernel each way on CUDA) when its
+    ``attention_mask`` argument carries positions; the model passes Megatron no rotary embedding."""
+    if self.config.rotary_interleaved:
+        raise ValueError("RoPE in the core attention is non-interleaved (Qwen3, Llama)")
+    # a plain attribute, not a submodule: the settings hold no state
+    object.__setattr__(self, "rotary", rotary)
+
+
 class SDARCoreAttention(MegatronModule):
     """Core attention over ``[x_t ; x_0]`` under the SDAR mask.
 
@@ -197,12 +211,7 @@ class SDARCoreAttention(MegatronModule):
         self.kernel_options = dict(kernel_options) if kernel_options is not None else None
         self.rotary: PositionRotaryEmbedding | None = None
 
-    def use_rotary(self, rotary: PositionRotaryEmbedding) -> None:
-        """Apply RoPE here (one compiled kernel on CUDA) when the layout carries positions."""
-        if self.config.rotary_interleaved:
-            raise ValueError("RoPE in the SDAR core attention is non-interleaved (Qwen3, Llama)")
-        # a plain attribute, not a submodule: the settings hold no state
-        object.__setattr__(self, "rotary", rotary)
+    use_rotary = _use_rotary
 
     def forward(
         self,
@@ -234,7 +243,10 @@ class SDARCoreAttention(MegatronModule):
                     "the layout carries RoPE positions but this SDAR core attention has no rotary "
                     "settings; SDARModel gives them to its layers (use_rotary)"
                 )
-            cos, sin = self.mask_cache.rope_tables(attention_mask, self.rotary, query.dtype)
+            clean = attention_mask[:, LAYOUT_POSITION]
+            cos, sin = self.mask_cache.rope_tables(
+                attention_mask, self.rotary, query.dtype, lambda: torch.cat([clean, clean], dim=-1)
+            )
             query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
         backend = resolve_backend(self.backend, query.device)
         mask = self.mask_cache.get(attention_mask, self.clean_attention, backend)
@@ -263,13 +275,24 @@ class SDARCoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
 
 
+def _is_position_row(mask: torch.Tensor | None, batch: int, seq: int) -> bool:
+    return (
+        mask is not None
+        and not mask.is_floating_point()
+        and mask.dtype != torch.bool
+        and tuple(mask.shape) == (batch, 1, seq)
+    )
+
+
 class CausalCoreAttention(MegatronModule):
     """Causal core attention through ``scaled_dot_product_attention(is_causal=True)``.
 
     The AR objective's core attention without Transformer Engine: Megatron's local
     ``DotProductAttention`` materialises the ``[b, heads, s, s]`` score matrix, so the AR baseline
     would be measured against an attention SDAR never uses. SDPA picks the flash kernel on CUDA.
-    Same contract as Megatron's core attention: ``[s, b, h, d]`` in, ``[s, b, h * d]`` out.
+    Same contract as Megatron's core attention: ``[s, b, h, d]`` in, ``[s, b, h * d]`` out. Under
+    :class:`~megatron_sdar.model.ARModel` the ``attention_mask`` argument is the ``[b, 1, s]``
+    position ids and RoPE is applied here, as the SDAR core attention does.
     """
 
     def __init__(
@@ -287,6 +310,10 @@ class CausalCoreAttention(MegatronModule):
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
             raise ValueError(f"causal SDPA attention supports causal masks only, got {attn_mask_type}")
         self.layer_number = layer_number
+        self.rotary: PositionRotaryEmbedding | None = None
+        self.mask_cache = MASK_CACHE
+
+    use_rotary = _use_rotary
 
     def forward(
         self,
@@ -298,9 +325,19 @@ class CausalCoreAttention(MegatronModule):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params: Any = None,
     ) -> torch.Tensor:
-        if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
-            raise ValueError("causal SDPA attention takes no attention mask, bias or packed sequences")
         seq, batch = query.shape[0], query.shape[1]
+        positions = self.rotary is not None and _is_position_row(attention_mask, batch, seq)
+        if (
+            (attention_mask is not None and not positions)
+            or attention_bias is not None
+            or packed_seq_params is not None
+        ):
+            raise ValueError("causal SDPA attention takes no attention mask, bias or packed sequences")
+        if positions:  # ARModel's position ids: RoPE is applied here
+            cos, sin = self.mask_cache.rope_tables(
+                attention_mask, self.rotary, query.dtype, lambda: attention_mask[:, 0]
+            )
+            query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1]

@@ -232,8 +232,11 @@ class SDARModel(GPTModel):
                 f"{layout.shape[0]} rows x 2 x {seq} tokens"
             )
         memo = self._last_layout
-        if memo is not None and memo[0] is layout and memo[1] is position_ids and memo[2] == (
-            layout._version, position_ids._version
+        if (
+            memo is not None
+            and memo[0] is layout
+            and memo[1] is position_ids
+            and memo[2] == (layout._version, position_ids._version)
         ):
             return memo[3]
         positions = position_ids[:, :seq].to(layout.dtype).unsqueeze(1)
@@ -313,6 +316,60 @@ def qwen3_transformer_config(**overrides: Any) -> TransformerConfig:
     if unknown:
         raise ValueError(f"not TransformerConfig fields: {sorted(unknown)}")
     return TransformerConfig(**base)
+
+
+class ARModel(GPTModel):
+    """The causal-LM baseline (``--sdar-objective ar``) with RoPE applied in its core attention.
+
+    Same parameters, state-dict keys and loss as ``GPTModel``: the only change is where RoPE runs.
+    Its :class:`~megatron_sdar.attention.CausalCoreAttention` layers receive the position ids
+    ``[b, 1, s]`` as ``attention_mask`` and rotate query and key with one compiled kernel, as the SDAR
+    model does, so the two objectives are compared with the same kernels. For the local layer spec
+    (:func:`ar_layer_spec` without Transformer Engine; with TE, use ``GPTModel``, TE fuses RoPE).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        transformer_layer_spec: Any,
+        vocab_size: int,
+        max_sequence_length: int,
+        rotary_base: float = 10000.0,
+        rotary_percent: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.pop("position_embedding_type", "rope") != "rope":
+            raise ValueError("the AR baseline uses rotary position embeddings only")
+        super().__init__(
+            config=config,
+            transformer_layer_spec=transformer_layer_spec,
+            vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length,
+            position_embedding_type="none",
+            **kwargs,
+        )
+        self.sdar_rotary = PositionRotaryEmbedding(config.kv_channels, rotary_base, rotary_percent)
+        self.rotary_base = rotary_base
+        cores = [m for m in self.modules() if isinstance(m, CausalCoreAttention)]
+        if not cores:
+            raise ValueError(
+                "ARModel applies RoPE in CausalCoreAttention (the local spec from ar_layer_spec); "
+                "with Transformer Engine build a GPTModel"
+            )
+        for core in cores:
+            core.use_rotary(self.sdar_rotary)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if attention_mask is not None:
+            raise ValueError("the AR baseline is causal over the window: pass attention_mask=None")
+        positions = position_ids.to(torch.int32).unsqueeze(1)  # [b, 1, s]: read by the core attention
+        return super().forward(input_ids, position_ids, positions, **kwargs)
 
 
 def build_sdar_model(

@@ -42,10 +42,10 @@ class PositionRotaryEmbedding(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)  # [s, b, d]
         return emb[:, :, None, :]
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``[2L, b, 1, d]`` in ``dtype`` for ``[x_t ; x_0]`` from the clean positions
-        ``[b, L]`` (the noised copy repeats them), rounded as Megatron's unfused RoPE rounds them."""
-        freqs = self(torch.cat([positions, positions], dim=-1))
+    def tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[s, b, 1, d]`` in ``dtype`` for position ids ``[b, s]``, rounded as
+        Megatron's unfused RoPE rounds them."""
+        freqs = self(position_ids)
         return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 

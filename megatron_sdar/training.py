@@ -311,7 +311,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     from megatron.training import get_args
     from megatron.training.arguments import core_transformer_config_from_args
 
-    from megatron_sdar.model import SDARModel, ar_layer_spec, sdar_layer_spec
+    from megatron_sdar.model import ARModel, SDARModel, ar_layer_spec, sdar_layer_spec
 
     args = get_args()
     transformer_config = config if config is not None else core_transformer_config_from_args(args)
@@ -329,7 +329,8 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     )
     if args.sdar_objective == "ar":
         spec = ar_layer_spec(transformer_config, use_te, vp_stage)
-        return GPTModel(transformer_layer_spec=spec, position_embedding_type="rope", **common)
+        model_class = GPTModel if use_te else ARModel  # TE fuses RoPE itself
+        return model_class(transformer_layer_spec=spec, position_embedding_type="rope", **common)
     sdar = sdar_config_from_args(args)
     return SDARModel(
         transformer_layer_spec=sdar_layer_spec(transformer_config, sdar, use_te, vp_stage),

@@ -95,8 +95,8 @@ def test_rope_rotation_is_megatrons_bit_for_bit(dtype, percent):
     rotary = PositionRotaryEmbedding(16, rotary_base=1e6, rotary_percent=percent)
     positions = torch.tensor([[0, 1, 2, 3, 0, 1], [5, 6, 7, 8, 9, 10]])
     cos, sin = rotary.tables(positions, dtype)
-    t = torch.randn(12, 2, 4, 16).to(dtype)
-    want = _apply_rotary_pos_emb_bshd(t, rotary(torch.cat([positions, positions], -1)))
+    t = torch.randn(6, 2, 4, 16).to(dtype)
+    want = _apply_rotary_pos_emb_bshd(t, rotary(positions))
     assert torch.equal(_rope(t, cos, sin), want)
 
 
@@ -138,3 +138,37 @@ def test_positions_on_the_layout_need_rotary_settings():
     q = torch.randn(8, 1, 4, 16)
     with pytest.raises(ValueError, match="no rotary settings"):
         module(q, q[:, :, :2], q[:, :, :2], layout)
+
+
+def test_ar_model_equals_gpt_model_with_megatrons_rope(megatron_world, monkeypatch):
+    """ARModel (RoPE in the core attention) is GPTModel with Megatron's RoPE: same state dict,
+    same per-token loss and gradients."""
+    from megatron.core.models.gpt import GPTModel
+
+    # Megatron's RotaryEmbedding moves its frequencies to the current CUDA device: keep them here.
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+
+    from megatron_sdar.model import ARModel
+    from tests.helpers import TINY
+
+    cfg = qwen3_transformer_config(use_cpu_initialization=True, params_dtype=torch.float32, **TINY)
+    common = dict(
+        config=cfg, transformer_layer_spec=ar_layer_spec(cfg), vocab_size=64, max_sequence_length=16
+    )
+    torch.manual_seed(0)
+    reference = GPTModel(position_embedding_type="rope", rotary_base=1e6, **common)
+    model = ARModel(position_embedding_type="rope", rotary_base=1e6, **common)
+    model.load_state_dict(reference.state_dict())  # strict: checkpoints are interchangeable
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(16).expand(2, 16)
+    labels = torch.roll(tokens, -1, dims=-1)
+    results = []
+    for m in (model, reference):
+        loss = m(tokens, positions, None, labels=labels)
+        loss.sum().backward()
+        results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-6)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="attention_mask=None"):
+        model(tokens, positions, torch.ones(2, 1, 16, 16, dtype=torch.bool))

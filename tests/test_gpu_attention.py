@@ -117,7 +117,7 @@ def test_compiled_rope_matches_eager():
     from megatron_sdar.positions import PositionRotaryEmbedding, _rope, apply_rope
 
     rotary = PositionRotaryEmbedding(128, rotary_base=1e6)
-    positions = torch.arange(512, device="cuda").view(1, -1).repeat(2, 1)
+    positions = torch.arange(1024, device="cuda").view(1, -1).repeat(2, 1)
     cos, sin = rotary.tables(positions, torch.bfloat16)
     gen = torch.Generator(device="cuda").manual_seed(0)
     t = torch.randn(1024, 2, 8, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
