@@ -5,7 +5,8 @@ One process builds the same model (Qwen3-1.7B shape by default, random init, bf1
 objective and times forward+backward steps:
 
 * ``sdar``: ``SDARModel`` over ``[x_t ; x_0]`` (2L tokens) under the SDAR mask (FlexAttention), the
-  output layer and cross-entropy on the noised half only (Megatron-Core, this library);
+  output layer and cross-entropy on the masked tokens of the noised half only (``--output-positions
+  noised``: the whole noised half) (Megatron-Core, this library);
 * ``sdar-split``: the same with the ``split`` attention back end (variable-length flash attention
   plus a FlexAttention band, :mod:`megatron_sdar.split_attention`);
 * ``ar``: Megatron-Core's ``GPTModel`` (as :class:`megatron_sdar.model.ARModel`, RoPE in the core
@@ -82,6 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="take the best options of an attention.py --sweep JSON",
+    )
+    p.add_argument(
+        "--output-positions",
+        choices=["masked", "noised"],
+        default="masked",
+        help="SDAR objectives: output layer and loss on the masked tokens only (the training loop's "
+        "default at TP=1) or on the whole noised half",
     )
     p.add_argument("--profile", action="store_true", help="profile two steps of the first objective and size")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (these also compile)")
@@ -184,9 +192,16 @@ def step_fn(args, objective: str, model, batch) -> Callable[[], None]:
     from megatron_sdar.training import ar_forward
 
     if objective in SDAR_BACKENDS:
+        from megatron_sdar.model import masked_loss_index
+
+        # the training loop builds it on the host from the data loader's tensors
+        loss_index = masked_loss_index(batch.masked) if args.output_positions == "masked" else None
 
         def step():
-            out = model(batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels)
+            out = model(
+                batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels,
+                loss_index=loss_index,
+            )  # fmt: skip
             loss_sum, count, _ = sdar_loss(out, batch)
             (loss_sum / count).backward()
 
@@ -239,10 +254,11 @@ def step_flops(args, objective: str, batch) -> int:
     b = batch.labels.shape[0]
     if objective == "ar":
         return ar_step_flops(shape, b, args.seq_length)
-    flops = sdar_step_flops(shape, batch.layout, "block_causal")
-    if objective == "hf-sdar":  # the output layer also runs on the clean half
-        flops += 3 * b * args.seq_length * shape.output_flops_per_token()
-    return flops
+    if objective == "hf-sdar":  # the output layer runs on both halves
+        flops = sdar_step_flops(shape, batch.layout, "block_causal")
+        return flops + 3 * b * args.seq_length * shape.output_flops_per_token()
+    masked = int(batch.masked.sum()) if args.output_positions == "masked" else None
+    return sdar_step_flops(shape, batch.layout, "block_causal", output_tokens=masked)
 
 
 def run_objective(args, objective: str) -> list[dict]:

@@ -8,7 +8,8 @@ Counted, for forward plus backward (3x the forward's matrix products):
 * attention scores and the value product over *allowed* (query, key) entries only, counted exactly
   from the layout tensor for the SDAR mask (a causal mask over L tokens for AR), not over the full
   square the kernel may visit;
-* the output layer only where it runs (the noised half for SDAR, every token for AR).
+* the output layer only where it runs (the noised half for SDAR, or its masked tokens when the
+  output layer runs on those only; every token for AR).
 
 Embedding lookups, norms, activations, softmax and the loss are left out (they are not matrix work).
 """
@@ -122,13 +123,21 @@ def causal_attention_entries(batch: int, seq_len: int) -> int:
     return batch * seq_len * (seq_len + 1) // 2
 
 
-def sdar_step_flops(shape: ModelShape, layout: torch.Tensor, clean_attention: CleanAttention | str) -> int:
-    """Forward+backward FLOPs of one SDAR micro-batch with this ``[b, 2, L]`` layout."""
+def sdar_step_flops(
+    shape: ModelShape,
+    layout: torch.Tensor,
+    clean_attention: CleanAttention | str,
+    output_tokens: int | None = None,
+) -> int:
+    """Forward+backward FLOPs of one SDAR micro-batch with this ``[b, 2, L]`` layout; the output
+    layer runs on ``output_tokens`` positions (default: the whole noised half, ``b x L``)."""
     batch, _, seq_len = layout.shape
+    if output_tokens is None:
+        output_tokens = batch * seq_len
     forward = (
         2 * batch * seq_len * shape.body_flops_per_token()
         + sdar_attention_entries(layout, clean_attention) * shape.attention_flops_per_entry()
-        + batch * seq_len * shape.output_flops_per_token()
+        + output_tokens * shape.output_flops_per_token()
     )
     return FORWARD_BACKWARD * forward
 

@@ -6,7 +6,8 @@ Composition, not patching:
   replaced by :class:`~megatron_sdar.attention.SDARCoreAttention` (:func:`sdar_layer_spec`);
 * :class:`SDARModel` subclasses ``GPTModel`` to compute RoPE from explicit position ids (the noised
   copy gets the clean copy's positions) and to run the output layer and the vocab-parallel
-  cross-entropy on the noised half only, which is all the loss needs.
+  cross-entropy on the noised half only, or only on its masked positions (``loss_index``), which is
+  all the loss needs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel import (
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -196,11 +201,14 @@ class SDARModel(GPTModel):
         attention_mask: torch.Tensor,
         decoder_input: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        loss_index: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         unsupported = {k for k, v in kwargs.items() if v is not None}
         if unsupported:
             raise ValueError(f"SDARModel.forward does not take {sorted(unsupported)}")
+        if loss_index is not None and labels is None:
+            raise ValueError("loss_index selects where the loss is computed: pass labels with it")
         if decoder_input is None and self.pre_process:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=None)
         if self._rope_in_core:
@@ -212,6 +220,8 @@ class SDARModel(GPTModel):
         )
         if not self.post_process:
             return hidden
+        if loss_index is not None:
+            return self.selected_output(hidden, labels, loss_index)
         return self.noised_half_output(hidden, labels)
 
     def _layout_with_positions(self, layout: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -252,27 +262,72 @@ class SDARModel(GPTModel):
         (sequence-parallel) output layer gathers that half again as usual. Gradients flow back through
         the split (the gathered copy's gradient is identical on every rank).
         """
-        output_weight = (
-            self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        )
         if self.config.sequence_parallel:
-            from megatron.core.tensor_parallel import (
-                gather_from_sequence_parallel_region,
-                scatter_to_sequence_parallel_region,
-            )
-
-            full = gather_from_sequence_parallel_region(
-                hidden, tensor_parallel_output_grad=False, group=self.tp_group
-            )
+            full = self._gather_sequence(hidden)
             noised = scatter_to_sequence_parallel_region(full[: full.shape[0] // 2], group=self.tp_group)
         else:
             noised = hidden[: hidden.shape[0] // 2]
-        logits, _ = self.output_layer(noised, weight=output_weight)  # [L, b, v/tp]
+        logits, _ = self.output_layer(noised, weight=self._output_weight())  # [L, b, v/tp]
         if labels is None:
             return logits.transpose(0, 1).contiguous()
         ce = self.compute_language_model_loss(labels, logits)  # [b, L]
         correct = vocab_parallel_correct(logits.detach(), labels, self.tp_group)
         return torch.stack([ce, correct.to(ce.dtype)], dim=-1)
+
+    def selected_output(
+        self, hidden: torch.Tensor, labels: torch.Tensor, loss_index: torch.Tensor
+    ) -> torch.Tensor:
+        """Output layer and loss on the selected noised positions only; ``[b, L, 2]`` like
+        :meth:`noised_half_output`, zero where nothing was selected.
+
+        ``loss_index`` ``[n]`` (int64, ascending or not) indexes the row-major ``[b, L]`` noised
+        positions, typically the masked ones (about half of them): only they carry loss, and the
+        output layer and cross-entropy are the largest per-token cost after the body. Every
+        tensor-parallel rank must pass the same index. The values are not checked (that would need a
+        host read); :func:`masked_loss_index` builds a valid one. Under sequence parallelism the
+        ``n`` rows are padded to a multiple of the tensor-parallel size and split like the sequence.
+        """
+        if loss_index.dim() != 1 or loss_index.dtype != torch.int64:
+            raise ValueError(
+                f"loss_index must be a 1-D int64 tensor of positions in [batch x L], got "
+                f"{loss_index.dtype} of shape {list(loss_index.shape)}"
+            )
+        batch, seq = labels.shape
+        count = loss_index.numel()
+        split = self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
+        padded = max(split, -(-count // split) * split)
+        index = (
+            torch.cat([loss_index, loss_index.new_zeros(padded - count)]) if padded > count else loss_index
+        )
+        full = self._gather_sequence(hidden) if self.config.sequence_parallel else hidden
+        noised = full[:seq].reshape(seq * batch, -1)  # [L x b, h]: position s of row r is s * b + r
+        rows = noised.index_select(0, (index % seq) * batch + index // seq).unsqueeze(1)  # [n', 1, h]
+        if self.config.sequence_parallel:
+            rows = scatter_to_sequence_parallel_region(rows, group=self.tp_group)
+        logits, _ = self.output_layer(rows, weight=self._output_weight())  # [n', 1, v/tp]
+        targets = labels.reshape(-1).index_select(0, index).unsqueeze(0)  # [1, n']
+        ce = self.compute_language_model_loss(targets, logits)[0, :count]  # padding carries no loss
+        correct = vocab_parallel_correct(logits.detach(), targets, self.tp_group)[0, :count]
+        values = torch.stack([ce, correct.to(ce.dtype)], dim=-1)
+        out = values.new_zeros(batch * seq, 2).index_copy(0, loss_index, values)
+        return out.view(batch, seq, 2)
+
+    def _output_weight(self) -> torch.Tensor | None:
+        return self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+
+    def _gather_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The whole ``[2L, b, h]`` sequence from the sequence-parallel shards; in backward each rank
+        keeps its own shard of the gradient (the gathered copy's gradient is the same everywhere)."""
+        return gather_from_sequence_parallel_region(
+            hidden, tensor_parallel_output_grad=False, group=self.tp_group
+        )
+
+
+def masked_loss_index(masked: torch.Tensor) -> torch.Tensor:
+    """``loss_index`` for :meth:`SDARModel.selected_output`: the masked positions of ``masked``
+    ``[b, L]`` in row-major order. On the host (the data loader's CPU tensors) this costs no device
+    synchronisation; on a GPU tensor it reads the count back."""
+    return masked.reshape(-1).nonzero().squeeze(1)
 
 
 def vocab_parallel_correct(logits: torch.Tensor, labels: torch.Tensor, tp_group: Any) -> torch.Tensor:

@@ -33,6 +33,7 @@ from megatron_sdar.throughput import METER, REPORT_KEY
 
 OBJECTIVES = ("sdar", "ar")
 STAGES = ("cpt", "sft")
+OUTPUT_POSITIONS = ("auto", "masked", "noised")
 SPLIT_SEED_OFFSETS = {"train": 0, "valid": 1, "test": 2}
 
 
@@ -92,6 +93,15 @@ def add_sdar_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="FlexAttention kernel options as JSON (default: tuned tiles on Hopper at head dim 128, "
         "FlexAttention's own elsewhere; '{}' for FlexAttention's own everywhere); "
         "benchmarks/attention.py --sweep measures candidates",
+    )
+    g.add_argument(
+        "--sdar-output-positions",
+        choices=OUTPUT_POSITIONS,
+        default="auto",
+        help="where the output layer and cross-entropy run: masked (only the masked noised tokens, "
+        "about half: the index is built on the host, and with TP > 1 its length is broadcast and "
+        "read back once per micro-batch), noised (the whole noised half), auto (masked with TP = 1, "
+        "noised otherwise)",
     )
     g.add_argument(
         "--sdar-sft-pad-token-id",
@@ -360,8 +370,52 @@ def _broadcast_batch(batch: dict[str, torch.Tensor] | None, shapes: dict[str, tu
     return out
 
 
-def get_sdar_batch(data_iterator, device: torch.device, micro_batch_size: int, seq_length: int) -> dict:
-    """The next SDAR micro-batch on ``device`` (read on TP rank 0, broadcast to the TP group)."""
+def output_on_masked(args: argparse.Namespace) -> bool:
+    """Whether ``--sdar-output-positions`` runs the output layer on the masked positions only."""
+    choice = getattr(args, "sdar_output_positions", "auto")
+    if choice == "auto":
+        return getattr(args, "tensor_model_parallel_size", 1) == 1
+    return choice == "masked"
+
+
+def _broadcast_loss_index(masked: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The masked positions (:func:`~megatron_sdar.model.masked_loss_index`) on every TP rank.
+
+    TP rank 0 builds the index from the data loader's host tensor (no device synchronisation) and
+    copies it from pinned memory; other ranks need its length first, one small broadcast read back
+    on the host.
+    """
+    from megatron.core import parallel_state
+
+    from megatron_sdar.model import masked_loss_index
+
+    index = None
+    if masked is not None:
+        index = masked_loss_index(masked)
+        if index.device.type == "cpu" and device.type == "cuda":
+            index = index.pin_memory()
+        index = index.to(device, non_blocking=True)
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return index
+    group = parallel_state.get_tensor_model_parallel_group()
+    src = parallel_state.get_tensor_model_parallel_src_rank()
+    length = torch.tensor([0 if index is None else index.numel()], dtype=torch.int64, device=device)
+    torch.distributed.broadcast(length, src, group=group)
+    if index is None:
+        index = torch.empty(int(length.item()), dtype=torch.int64, device=device)
+    torch.distributed.broadcast(index, src, group=group)
+    return index
+
+
+def get_sdar_batch(
+    data_iterator,
+    device: torch.device,
+    micro_batch_size: int,
+    seq_length: int,
+    loss_index: bool = False,
+) -> dict:
+    """The next SDAR micro-batch on ``device`` (read on TP rank 0, broadcast to the TP group); with
+    ``loss_index``, also the masked positions for :meth:`~megatron_sdar.model.SDARModel.selected_output`."""
     from megatron.core import parallel_state
 
     b, n = micro_batch_size, seq_length
@@ -376,7 +430,11 @@ def get_sdar_batch(data_iterator, device: torch.device, micro_batch_size: int, s
         "t": ((b, n), torch.float32),
     }
     batch = next(data_iterator) if parallel_state.get_tensor_model_parallel_rank() == 0 else None
-    return _broadcast_batch(batch, shapes, device)
+    out = _broadcast_batch(batch, shapes, device)
+    if loss_index:
+        masked = None if batch is None else batch["masked"].reshape(b, n).to(torch.bool)
+        out["loss_index"] = _broadcast_loss_index(masked, device)
+    return out
 
 
 def forward_step(data_iterator, model) -> tuple[torch.Tensor, Any]:
@@ -394,7 +452,8 @@ def forward_step(data_iterator, model) -> tuple[torch.Tensor, Any]:
         else torch.device("cpu")
     )
     timers("batch-generator", log_level=2).start()
-    data = get_sdar_batch(data_iterator, device, args.micro_batch_size, args.seq_length)
+    selected = args.sdar_objective == "sdar" and output_on_masked(args)
+    data = get_sdar_batch(data_iterator, device, args.micro_batch_size, args.seq_length, loss_index=selected)
     timers("batch-generator").stop()
     batch = SDARBatch(**{k: data[k] for k in SDAR_KEYS})
     throughput = METER.report(
@@ -403,7 +462,10 @@ def forward_step(data_iterator, model) -> tuple[torch.Tensor, Any]:
     if args.sdar_objective == "ar":
         output, loss_fn = ar_forward(model, batch)
     else:
-        output = model(batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels)
+        output = model(
+            batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels,
+            loss_index=data.get("loss_index"),
+        )  # fmt: skip
         loss_fn = partial(sdar_loss, batch=batch, normalizer=args.sdar_loss_normalizer)
     return output, partial(_with_throughput, loss_fn, throughput)
 

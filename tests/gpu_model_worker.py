@@ -1,6 +1,8 @@
 """GPU checks of the whole SDAR model (run by tests/test_gpu_model.py in its own process, NCCL).
 
 * FlexAttention and dense-mask SDPA back ends give the same loss and gradients (bf16 tolerance);
+* the split back end agrees with SDPA, and the output layer on masked positions only with the
+  whole noised half;
 * full and selective activation recompute give the same loss and gradients as none (the layout
   tensor goes through ``tensor_parallel.checkpoint`` and the mask is rebuilt or reused inside).
 Prints one JSON line with the measured differences.
@@ -26,7 +28,7 @@ def main() -> None:
     from megatron_sdar.config import SDARConfig
     from megatron_sdar.loss import sdar_loss
     from megatron_sdar.masks import document_ids_from_eod
-    from megatron_sdar.model import build_sdar_model, qwen3_transformer_config
+    from megatron_sdar.model import build_sdar_model, masked_loss_index, qwen3_transformer_config
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
@@ -42,7 +44,7 @@ def main() -> None:
     doc_ids = document_ids_from_eod(tokens, 1)
     eligible = torch.ones_like(tokens, dtype=torch.bool)
 
-    def run(backend: str, recompute: dict) -> tuple[float, dict]:
+    def run(backend: str, recompute: dict, masked_output: bool = False) -> tuple[float, dict]:
         sdar = SDARConfig(block_size=4, mask_token_id=vocab - 1, attention_backend=backend)
         config = qwen3_transformer_config(
             num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=4, kv_channels=32,
@@ -56,7 +58,10 @@ def main() -> None:
             tokens, doc_ids, eligible, sdar, torch.Generator(device="cuda").manual_seed(1)
         )
         builds = MASK_CACHE.builds
-        out = model(batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels)
+        loss_index = masked_loss_index(batch.masked) if masked_output else None
+        out = model(
+            batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels, loss_index=loss_index
+        )
         loss_sum, count, _ = sdar_loss(out, batch)
         (loss_sum / count).backward()
         grads = {n: p.grad.float().clone() for n, p in model.named_parameters()}
@@ -70,12 +75,32 @@ def main() -> None:
     base = run("flex", {})
     result = {
         "flex_vs_sdpa": compare(base, run("sdpa", {})),
+        "split_vs_sdpa": compare(run("split", {}), run("sdpa", {})),
+        "masked_output": compare(run("flex", {}, masked_output=True), base),
         "full_recompute": compare(run("flex", dict(recompute_granularity="full", recompute_method="uniform",
                                                    recompute_num_layers=1)), base),
         "selective_recompute": compare(run("flex", dict(recompute_granularity="selective",
                                                         recompute_modules=["core_attn"])), base),
     }  # fmt: skip
+    result["pinned_loss_index"] = pinned_loss_index()
     print(json.dumps(result))
+
+
+def pinned_loss_index() -> bool:
+    """The training loop's masked-position index from a pinned data loader equals the mask's."""
+    from megatron_sdar.config import SDARConfig
+    from megatron_sdar.training import SDARSampleDataset, get_sdar_batch
+
+    sample = {
+        "tokens": torch.arange(64) + 2,
+        "doc_ids": torch.zeros(64, dtype=torch.long),
+        "eligible": torch.ones(64, dtype=torch.bool),
+    }
+    dataset = SDARSampleDataset([sample] * 4, SDARConfig(block_size=4, mask_token_id=99), 0, "train")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, pin_memory=True)
+    batch = get_sdar_batch(iter(loader), torch.device("cuda"), 4, 64, loss_index=True)
+    expected = batch["masked"].reshape(-1).nonzero().squeeze(1)
+    return batch["loss_index"].is_cuda and torch.equal(batch["loss_index"], expected)
 
 
 if __name__ == "__main__":

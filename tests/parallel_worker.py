@@ -140,6 +140,7 @@ def run(args) -> int:
 
     from megatron_sdar.config import SDARConfig
     from megatron_sdar.loss import sdar_loss
+    from megatron_sdar.model import masked_loss_index
     from tests.cpu_shims import install_cpu_schedule_shims
     from tests.helpers import init_megatron, tiny_model
 
@@ -231,7 +232,12 @@ def run(args) -> int:
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels)
+        # the reference always runs the output layer on the whole noised half
+        selected = args.masked_output and args.phase == "par"
+        output = model(
+            batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels,
+            loss_index=masked_loss_index(batch.masked) if selected else None,
+        )  # fmt: skip
         return output, partial(sdar_loss, batch=batch, normalizer=sdar.loss_normalizer)
 
     losses = get_forward_backward_func()(
@@ -322,6 +328,9 @@ def main() -> None:
     parser.add_argument("--vpp", type=int, default=1, help="virtual pipeline stages per rank (par phase)")
     parser.add_argument("--clean-attention", default="block_causal")
     parser.add_argument("--loss-normalizer", default="eligible")
+    parser.add_argument(
+        "--masked-output", action="store_true", help="output layer on masked positions only (par phase)"
+    )
     args = parser.parse_args()
     sys.exit(run_load(args) if args.phase == "load" else run(args))
 

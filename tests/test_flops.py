@@ -59,6 +59,9 @@ def test_body_flops_match_linear_layers():
     expected = 2 * 16 * shape.body_flops_per_token() + entries * shape.attention_flops_per_entry()
     expected += 2 * 8 * 2 * h * 100
     assert sdar_step_flops(shape, layout, "block_causal") == FORWARD_BACKWARD * expected
+    # the output layer on 5 masked positions only
+    fewer = expected - (2 * 8 - 5) * 2 * h * 100
+    assert sdar_step_flops(shape, layout, "block_causal", output_tokens=5) == FORWARD_BACKWARD * fewer
     ar = 2 * 8 * (shape.body_flops_per_token() + 2 * h * 100) + 2 * 36 * shape.attention_flops_per_entry()
     assert ar_step_flops(shape, 2, 8) == FORWARD_BACKWARD * ar
 

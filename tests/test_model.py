@@ -167,6 +167,51 @@ def test_forward_backward_and_output_shapes(megatron_world):
     assert model.embedding.word_embeddings.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_loss_on_masked_positions_only_equals_the_noised_half(megatron_world, tied):
+    """``loss_index``: the output layer runs on the masked positions only; their CE, correctness and
+    every gradient of the SDAR loss equal the noised-half path's; unselected positions are zero."""
+    from megatron_sdar.batch import build_sdar_batch
+    from megatron_sdar.loss import sdar_loss
+    from megatron_sdar.model import masked_loss_index
+
+    sdar = SDARConfig(block_size=B, mask_token_id=VOCAB - 1)
+    torch.manual_seed(0)
+    model = tiny_model(sdar, vocab_size=VOCAB, seq_length=L, tied=tied)
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, VOCAB - 1, (3, L), generator=gen)
+    doc_ids = document_ids_from_lengths(DOCS).unsqueeze(0).expand(3, L)
+    batch = build_sdar_batch(tokens, doc_ids, torch.ones_like(tokens, dtype=torch.bool), sdar, gen)
+    index = masked_loss_index(batch.masked)
+    assert 0 < index.numel() < batch.masked.numel()
+
+    def run(**kwargs):
+        model.zero_grad(set_to_none=True)
+        out = model(batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels, **kwargs)
+        loss_sum, count, _ = sdar_loss(out, batch)
+        (loss_sum / count).backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    full, full_grads = run()
+    selected, selected_grads = run(loss_index=index)
+    masked = batch.masked.unsqueeze(-1).expand_as(full)
+    torch.testing.assert_close(selected[masked], full[masked], atol=1e-5, rtol=1e-5)
+    assert not selected[~masked].any()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(selected_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+    # a micro-batch with nothing masked: zero output, still a graph to differentiate
+    empty = model(
+        batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels,
+        loss_index=index[:0],
+    )  # fmt: skip
+    assert empty.shape == (3, L, 2) and not empty.any()
+    with pytest.raises(ValueError, match="int64"):
+        model(batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels, loss_index=index.int())
+    with pytest.raises(ValueError, match="pass labels"):
+        model(batch.input_ids, batch.position_ids, batch.layout, loss_index=index)
+
+
 def test_wrong_inputs_fail_clearly(model):
     clean, noised, doc_ids, _ = setup()
     pos = sdar_position_ids(doc_ids, False)

@@ -71,7 +71,10 @@ CASES = {
     "moe-tp2-sp-ep2-etp1": (2, 1, ["--moe", "--sp", "--ep", "2", "--etp", "1"]),
     # experts split by tensor parallelism too (ETP = TP = 2, EP = 1)
     "moe-tp2-sp-etp2": (2, 1, ["--moe", "--sp", "--etp", "2"]),
+    # the output layer on the masked positions only (the index padded and split over TP ranks)
+    "tp2-sequence-parallel-tied-masked-output": (2, 1, ["--sp", "--tied", "--masked-output"]),
     "pp2": (1, 2, []),
+    "pp2-masked-output": (1, 2, ["--masked-output"]),
     "pp2-virtual-stages": (1, 2, ["--vpp", "2"]),
     "dp2-masked-normalizer": (1, 1, ["--loss-normalizer", "masked"]),
 }

@@ -158,6 +158,18 @@ def test_cpt_trains_checkpoints_and_resumes_exactly(corpus, tmp_path):
     assert any(not torch.equal(early[k], a[k]) for k in a if "decoder.layers" in k)
 
 
+def test_output_on_masked_positions_trains_like_the_whole_noised_half(corpus):
+    """``--sdar-output-positions masked`` (the TP=1 default) and ``noised`` log the same figures."""
+    sdar = ["--sdar-mask-token-id", corpus["mask"], "--sdar-block-size", "4"]
+    base = [*MODEL, *LOOP, *corpus["data"], *sdar, "--train-iters", "3", "--eval-iters", "0"]
+    masked = iterations(train([*base, "--sdar-output-positions", "masked"]))
+    noised = iterations(train([*base, "--sdar-output-positions", "noised"]))
+    assert sorted(masked) == sorted(noised) == [1, 2, 3]
+    for it in masked:
+        for key in ("lm loss", "masked ce", "masked acc", "mean t"):
+            assert float(masked[it][key]) == pytest.approx(float(noised[it][key]), rel=1e-4), (it, key)
+
+
 def test_sft_stage_and_ar_objective_train(corpus, tmp_path):
     from tools import preprocess_sft
 
@@ -256,6 +268,7 @@ def test_tp2_training_checkpoint_exports_to_hf(corpus, tmp_path):
     sdar = ["--sdar-mask-token-id", corpus["mask"], "--sdar-block-size", "4"]
     run = [*MODEL, *LOOP, *corpus["data"], *sdar, "--train-iters", "3", "--eval-iters", "0"]
     run += ["--tensor-model-parallel-size", "2", "--save", str(tmp_path / "tp2"), "--save-interval", "3"]
+    run += ["--sdar-output-positions", "masked"]  # the masked positions' index broadcast over TP
     out = train(run, nproc=2)
     assert sorted(iterations(out)) == [1, 2, 3]
     hf = tmp_path / "hf"

@@ -224,6 +224,23 @@ def test_sdar_batch_broadcast_shapes_single_rank(megatron_world):
     assert batch["input_ids"].shape == (2, 32) and batch["layout"].dtype == torch.int32
     assert batch["mask_prob"].dtype == torch.float32 and batch["masked"].dtype == torch.bool
     json.dumps({k: list(v.shape) for k, v in batch.items()})
+    assert "loss_index" not in batch
+
+    batch = get_sdar_batch(iter(loader), torch.device("cpu"), 2, 16, loss_index=True)
+    expected = batch["masked"].reshape(-1).nonzero().squeeze(1)
+    assert batch["loss_index"].dtype == torch.int64 and torch.equal(batch["loss_index"], expected)
+
+
+def test_output_positions_flag(monkeypatch):
+    from megatron_sdar.training import output_on_masked
+
+    assert output_on_masked(parse([], monkeypatch))  # auto at TP=1: masked positions only
+    assert not output_on_masked(parse(["--tensor-model-parallel-size", "2"], monkeypatch))
+    forced = ["--tensor-model-parallel-size", "2", "--sdar-output-positions", "masked"]
+    assert output_on_masked(parse(forced, monkeypatch))
+    assert not output_on_masked(parse(["--sdar-output-positions", "noised"], monkeypatch))
+    with pytest.raises(SystemExit):
+        parse(["--sdar-output-positions", "all"], monkeypatch)
 
 
 def test_resume_gives_the_same_samples_and_noise(cpt_prefix):
