@@ -85,9 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--backends",
         nargs="+",
-        choices=["flex", "split"],
+        choices=["flex", "split", "split-tiles"],
         default=["flex", "split"],
-        help="SDAR attention back ends to time (library path)",
+        help="SDAR attention back ends to time (library path); split-tiles: the split back end with "
+        "its band as compiled torch tiles instead of FlexAttention",
     )
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations (these also compile)")
     p.add_argument("--iters", type=int, default=20, help="timed iterations (median reported)")
@@ -207,9 +208,11 @@ def library_attention(
         num_query_groups=args.kv_heads,
         kv_channels=args.head_dim,
     )
+    band = "tiles" if backend == "split-tiles" else "auto"
     module = SDARCoreAttention(
-        config, 1, AttnMaskType.arbitrary, "self", clean_attention=clean_attention, backend=backend,
-        mask_cache=SDARMaskCache(), kernel_options=kernel_options,
+        config, 1, AttnMaskType.arbitrary, "self", clean_attention=clean_attention,
+        backend=backend.removesuffix("-tiles"), mask_cache=SDARMaskCache(split_band=band),
+        kernel_options=kernel_options,
     )  # fmt: skip
     return lambda q, k, v: module(q, k, v, layout)
 
@@ -257,7 +260,7 @@ def benchmark(args) -> list[dict]:
     backends = args.backends if args.path == "library" else ["flex"]
     rows = []
     header = (
-        f"{'L':>6} {'B':>4} {'backend':>8} {'sdar ms':>9} {'causal ms':>10} {'ratio':>7} {'mask ms':>8} "
+        f"{'L':>6} {'B':>4} {'backend':>11} {'sdar ms':>9} {'causal ms':>10} {'ratio':>7} {'mask ms':>8} "
         f"{'density':>8} {'tiles':>7}"
     )
     print(f"path={args.path} clean={args.clean_attention} batch={args.batch} heads={args.heads}/"
@@ -275,6 +278,7 @@ def benchmark(args) -> list[dict]:
             builders = {
                 "flex": lambda layout=layout: build_block_mask(layout, args.clean_attention, compile=True),
                 "split": lambda layout=layout: build_split_plan(layout, args.clean_attention),
+                "split-tiles": lambda layout=layout: build_split_plan(layout, args.clean_attention, "tiles"),
             }
             block_mask = builders["flex"]()
             density, tiles = mask_density(layout, args.clean_attention), tile_density(block_mask)
@@ -304,7 +308,7 @@ def benchmark(args) -> list[dict]:
                 )
                 rows.append(row)
                 print(
-                    f"{seq_len:>6} {block:>4} {backend:>8} {sdar_ms:>9.3f} {causal_ms:>10.3f} "
+                    f"{seq_len:>6} {block:>4} {backend:>11} {sdar_ms:>9.3f} {causal_ms:>10.3f} "
                     f"{row['ratio']:>7.3f} {mask_ms:>8.3f} {density:>8.3f} {tiles:>7.3f}"
                 )
         del q, k, v, grad
@@ -401,6 +405,7 @@ def check(args) -> tuple[dict, bool]:
             "library": library_bhsd(args, clean, layout),
             "direct": direct_attention(build_block_mask(layout, clean, compile=True)),
             "split": library_bhsd(args, clean, layout, backend="split"),
+            "split-tiles": library_bhsd(args, clean, layout, backend="split-tiles"),
         }
         for path, attend in candidates.items():
             got = [attend(q, k, v).detach(), *fwd_bwd(attend, q, k, v, grad)()]

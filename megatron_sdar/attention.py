@@ -47,8 +47,9 @@ class SDARMaskCache:
     are kept for pipeline schedules that interleave micro-batches.
     """
 
-    def __init__(self, max_entries: int = 8) -> None:
+    def __init__(self, max_entries: int = 8, split_band: str = "auto") -> None:
         self.max_entries = max_entries
+        self.split_band = split_band  # the split back end's band kernel (build_split_plan's ``band``)
         self._entries: OrderedDict[tuple, tuple[torch.Tensor, Any]] = OrderedDict()
         self.builds = 0  # number of masks built (RoPE tables not counted); tests use it to check sharing
 
@@ -82,7 +83,7 @@ class SDARMaskCache:
             if backend == "flex":
                 return build_block_mask(layout, clean_attention, compile=layout.is_cuda)
             if backend == "split":
-                return build_split_plan(layout, clean_attention)
+                return build_split_plan(layout, clean_attention, self.split_band)
             return dense_sdar_mask(layout, clean_attention)
 
         mask, built = self._lookup(self._key(layout, clean_attention, backend), layout, build)

@@ -15,8 +15,9 @@ query's document start, positions counted inside the L-long window):
 The main part is one call of flash attention's variable-length kernel with one segment per (row,
 half, document). A noised segment gets a key segment ``S`` shorter than its query segment: the kernel
 aligns the causal diagonal bottom-right, which is exactly the shift. The band runs through
-FlexAttention on CUDA, where its mask touches only the tiles along the diagonals, and as plain torch
-over tiles of ``S`` query positions against the ``3S`` positions around them elsewhere. See
+FlexAttention on CUDA, where its mask touches only the tiles along the diagonals, or as plain torch
+over tiles of ``S`` query positions against the ``3S`` positions around them (compiled on CUDA; the
+only way on CPU; ``build_split_plan(band=...)`` chooses). See
 ``_SplitSDARAttention`` for how the backward pass makes both parts' gradients exact.
 
 The plan (segments, key rows, band masks) is built once per layout and cached with the other masks;
@@ -28,6 +29,7 @@ it needs fp16 or bf16 inputs and a head size flash attention supports.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,8 +66,21 @@ def _run_lengths(starts: torch.Tensor) -> torch.Tensor:
     return torch.diff(begin, append=torch.tensor([starts.numel()]))
 
 
-def build_split_plan(layout: torch.Tensor, clean_attention: CleanAttention | str) -> SplitPlan:
-    """The split of the SDAR mask for a ``[b, 2, L]`` layout (one host read of the layout)."""
+BAND_KERNELS = ("auto", "flex", "tiles")
+
+
+def build_split_plan(
+    layout: torch.Tensor, clean_attention: CleanAttention | str, band: str = "auto"
+) -> SplitPlan:
+    """The split of the SDAR mask for a ``[b, 2, L]`` layout (one host read of the layout).
+
+    ``band``: how the band runs: ``flex`` (FlexAttention, CUDA), ``tiles`` (torch over tiles of
+    ``S`` positions, compiled on CUDA) or ``auto`` (flex on CUDA, tiles on CPU).
+    """
+    if band not in BAND_KERNELS:
+        raise ValueError(f"band kernel must be one of {BAND_KERNELS}, got {band!r}")
+    if band == "flex" and not layout.is_cuda:
+        raise ValueError("the FlexAttention band needs CUDA tensors; use band='tiles' on CPU")
     clean_attention = CleanAttention(clean_attention)
     batch, _, seq_len = layout.shape
     host = layout.detach().to("cpu", torch.int64)
@@ -119,7 +134,11 @@ def build_split_plan(layout: torch.Tensor, clean_attention: CleanAttention | str
         max_k=int(k_len.max()),
         key_rows=key_rows.to(device),
         local_mask=_local_mask(layout, span, clean_attention),
-        band_block_mask=_band_block_mask(layout, clean_attention, span) if layout.is_cuda else None,
+        band_block_mask=(
+            _band_block_mask(layout, clean_attention, span)
+            if band == "flex" or (band == "auto" and layout.is_cuda)
+            else None
+        ),
     )
 
 
@@ -262,9 +281,8 @@ def _dense_backward(q, k, v, dout, out, lse, mask, scale):
 # --- the local part ("band"): attention within S - 1 positions of each query ------------------------
 
 
-def _tiles(q, k, v, plan: SplitPlan):
+def _tiles(q, k, v, b: int, seq: int, span: int, tiles: int):
     """Query tiles ``[b, T, 2, S, hk, g, d]`` and key/value windows ``[b, 2, T, 3S, hk, d]``."""
-    b, seq, span, tiles = plan.batch, plan.seq_len, plan.span, plan.tiles
     acc = _accumulation_dtype(q.dtype)
     heads, groups, dim = q.shape[1], k.shape[1], q.shape[2]
     pad = tiles * span - seq
@@ -279,9 +297,8 @@ def _tiles(q, k, v, plan: SplitPlan):
     return qt.transpose(1, 2), windows(k), windows(v)
 
 
-def _from_tiles(x: torch.Tensor, plan: SplitPlan) -> torch.Tensor:
+def _from_tiles(x: torch.Tensor, b: int, seq: int, span: int, tiles: int) -> torch.Tensor:
     """``[b, T, hk, g, 2, S, ...]`` back to ``[b * 2L, h, ...]``."""
-    b, seq, span, tiles = plan.batch, plan.seq_len, plan.span, plan.tiles
     tail = x.shape[6:]
     x = x.permute(0, 4, 1, 5, 2, 3, *range(6, 6 + len(tail)))
     x = x.reshape(b, 2, tiles * span, -1, *tail)[:, :, :seq]
@@ -289,19 +306,31 @@ def _from_tiles(x: torch.Tensor, plan: SplitPlan) -> torch.Tensor:
 
 
 def _band_tiles(q, k, v, plan: SplitPlan, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The band in plain (differentiable) torch over tiles of ``S`` positions: output and lse.
+    """The band in plain (differentiable) torch over tiles of ``S`` positions: output and lse
+    (compiled into a few kernels on CUDA)."""
+    sizes = (plan.batch, plan.seq_len, plan.span, plan.tiles)
+    band = _compiled_band_tiles() if q.is_cuda and not torch.compiler.is_compiling() else _band_tiles_eager
+    return band(q, k, v, plan.local_mask, *sizes, scale)
 
-    Disallowed pairs get the dtype's lowest finite value rather than ``-inf``, so a row without
-    band keys has finite (unused: its merge weight is 0) values and no NaN reaches the gradients.
-    """
-    qt, kt, vt = _tiles(q, k, v, plan)
+
+def _band_tiles_eager(q, k, v, local_mask, b: int, seq: int, span: int, tiles: int, scale: float):
+    """Disallowed pairs get the dtype's lowest finite value rather than ``-inf``, so a row without
+    band keys has finite (unused: its merge weight is 0) values and no NaN reaches the gradients."""
+    qt, kt, vt = _tiles(q, k, v, b, seq, span, tiles)
     scores = torch.einsum("btxihgd,bytwhd->bthgxiyw", qt, kt).mul(scale)
-    mask = plan.local_mask[:, :, None, None]
+    mask = local_mask[:, :, None, None]
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).flatten(-2)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None]).view(*scores.shape[:-1], 2, -1)
     out = torch.einsum("bthgxiyw,bytwhd->bthgxid", probs, vt)
-    return _from_tiles(out, plan), _from_tiles(lse, plan)
+    sizes = (b, seq, span, tiles)
+    return _from_tiles(out, *sizes), _from_tiles(lse, *sizes)
+
+
+@functools.cache
+def _compiled_band_tiles():
+    # sizes are fixed for a run: specialise on them rather than trace dynamic shapes
+    return torch.compile(_band_tiles_eager, dynamic=False)
 
 
 def band_mask_mod(layout: torch.Tensor, clean_attention: CleanAttention | str, span: int):

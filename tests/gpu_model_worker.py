@@ -3,6 +3,8 @@
 * FlexAttention and dense-mask SDPA back ends give the same loss and gradients (bf16 tolerance);
 * the split back end agrees with SDPA, and the output layer on masked positions only with the
   whole noised half;
+* no synchronising CUDA call in a FlexAttention forward+backward (the split back end's plan reads
+  the layout once; reported);
 * full and selective activation recompute give the same loss and gradients as none (the layout
   tensor goes through ``tensor_parallel.checkpoint`` and the mask is rebuilt or reused inside).
 Prints one JSON line with the measured differences.
@@ -83,7 +85,51 @@ def main() -> None:
                                                         recompute_modules=["core_attn"])), base),
     }  # fmt: skip
     result["pinned_loss_index"] = pinned_loss_index()
+    result["host_syncs"] = {backend: host_syncs(backend, vocab, seq) for backend in ("flex", "split")}
     print(json.dumps(result))
+
+
+def host_syncs(backend: str, vocab: int, seq: int) -> list[str]:
+    """Synchronising CUDA calls during one forward+backward of a new micro-batch (mask built inside),
+    after a warm-up micro-batch; the loss index comes from the host as in the training loop."""
+    from megatron_sdar.batch import build_sdar_batch
+    from megatron_sdar.config import SDARConfig
+    from megatron_sdar.loss import sdar_loss
+    from megatron_sdar.model import build_sdar_model, masked_loss_index, qwen3_transformer_config
+
+    sdar = SDARConfig(block_size=4, mask_token_id=vocab - 1, attention_backend=backend)
+    config = qwen3_transformer_config(
+        num_layers=2, hidden_size=256, num_attention_heads=8, num_query_groups=4, kv_channels=32,
+        ffn_hidden_size=512, bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
+    )  # fmt: skip
+    model = build_sdar_model(config, sdar, vocab_size=vocab, max_sequence_length=2 * seq).cuda()
+
+    def micro_batch(seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(2, vocab - 1, (2, seq), generator=gen)
+        doc_ids = torch.zeros_like(tokens, dtype=torch.int32)
+        batch = build_sdar_batch(tokens, doc_ids, torch.ones_like(tokens, dtype=torch.bool), sdar, gen)
+        index = masked_loss_index(batch.masked).pin_memory()
+        for name in ("input_ids", "position_ids", "layout", "labels", "eligible", "masked", "mask_prob", "t"):
+            setattr(batch, name, getattr(batch, name).pin_memory().cuda(non_blocking=True))
+        return batch, index.cuda(non_blocking=True)
+
+    def step(batch, index) -> None:
+        out = model(batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels, loss_index=index)
+        loss_sum, count, _ = sdar_loss(out, batch)
+        (loss_sum / count).backward()
+
+    step(*micro_batch(0))
+    batch, index = micro_batch(1)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(batch, index)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message).splitlines()[0][:200] for w in caught if "synchroniz" in str(w.message)]
 
 
 def pinned_loss_index() -> bool:

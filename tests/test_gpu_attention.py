@@ -62,15 +62,17 @@ def forward_backward(module, layout, base, dtype=torch.bfloat16) -> list[torch.T
     return [out.detach().float(), q.grad.float(), k.grad.float(), v.grad.float()]
 
 
-@pytest.mark.parametrize("backend", ["flex", "split"])
+@pytest.mark.parametrize("backend", ["flex", "split", "split-tiles"])
 @pytest.mark.parametrize("counting", ["document", "window"])
 @pytest.mark.parametrize("clean", ["block_causal", "causal"])
 def test_fast_backends_match_dense_sdpa(clean, counting, backend):
+    """split-tiles: the split back end with its band as compiled torch tiles."""
     from megatron_sdar.attention import SDARMaskCache
 
     layout = packed_layout(counting)
     base = qkv(2 * layout.shape[-1], layout.shape[0])
-    fast = forward_backward(core_attention(clean, backend, SDARMaskCache()), layout, base)
+    cache = SDARMaskCache(split_band="tiles" if backend == "split-tiles" else "auto")
+    fast = forward_backward(core_attention(clean, backend.removesuffix("-tiles"), cache), layout, base)
     sdpa = forward_backward(core_attention(clean, "sdpa", SDARMaskCache()), layout, base)
     exact = forward_backward(core_attention(clean, "sdpa", SDARMaskCache()), layout, base, torch.float32)
     for name, f, s, e in zip(("out", "dq", "dk", "dv"), fast, sdpa, exact):

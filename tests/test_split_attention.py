@@ -176,6 +176,15 @@ def test_plan_refuses_layouts_it_cannot_split():
         build_split_plan(backwards, "block_causal")
 
 
+def test_plan_refuses_unknown_or_unavailable_band_kernels():
+    layout = layout_for([[8]], 4, "document")
+    with pytest.raises(ValueError, match="band kernel must be one of"):
+        build_split_plan(layout, "block_causal", band="triton")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        build_split_plan(layout, "block_causal", band="flex")
+    assert build_split_plan(layout, "block_causal", band="tiles").band_block_mask is None
+
+
 def test_split_attention_refuses_mismatched_inputs():
     layout = layout_for([[8]], 4, "document")
     plan = build_split_plan(layout, "block_causal")
