@@ -9,7 +9,8 @@
 
 Noise is drawn inside the dataset, from a generator seeded by ``(--seed, split, sample index)``.
 Every pipeline stage and tensor-parallel rank that sees a sample therefore draws the same noise, and
-a resumed run draws exactly what an uninterrupted run would have.
+a resumed run draws exactly what an uninterrupted run would have. Every rank builds the datasets and
+reads its own copy of each micro-batch (no broadcast; the TP ranks check once that they agree).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from megatron_sdar.throughput import METER, REPORT_KEY
 
 OBJECTIVES = ("sdar", "ar")
 STAGES = ("cpt", "sft")
-OUTPUT_POSITIONS = ("auto", "masked", "noised")
+OUTPUT_POSITIONS = ("masked", "noised")
 SPLIT_SEED_OFFSETS = {"train": 0, "valid": 1, "test": 2}
 
 
@@ -97,11 +98,10 @@ def add_sdar_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument(
         "--sdar-output-positions",
         choices=OUTPUT_POSITIONS,
-        default="auto",
+        default="masked",
         help="where the output layer and cross-entropy run: masked (only the masked noised tokens, "
-        "about half: the index is built on the host, and with TP > 1 its length is broadcast and "
-        "read back once per micro-batch), noised (the whole noised half), auto (masked with TP = 1, "
-        "noised otherwise)",
+        "about half; the index is built on the host) or noised (the whole noised half); same loss "
+        "and gradients",
     )
     g.add_argument(
         "--sdar-sft-pad-token-id",
@@ -352,59 +352,39 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
 SDAR_KEYS = ("input_ids", "position_ids", "layout", "labels", "eligible", "masked", "mask_prob", "t")
 
 
-def _broadcast_batch(batch: dict[str, torch.Tensor] | None, shapes: dict[str, tuple], device) -> dict:
-    """Send tensor-parallel rank 0's batch to the other ranks of its TP group."""
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_tensor_model_parallel_group()
-    src = parallel_state.get_tensor_model_parallel_src_rank()
-    out = {}
-    for key, (shape, dtype) in shapes.items():
-        if batch is not None:
-            tensor = batch[key].to(device=device, dtype=dtype, non_blocking=True)
-        else:
-            tensor = torch.empty(shape, dtype=dtype, device=device)
-        if parallel_state.get_tensor_model_parallel_world_size() > 1:
-            torch.distributed.broadcast(tensor, src, group=group)
-        out[key] = tensor
-    return out
-
-
 def output_on_masked(args: argparse.Namespace) -> bool:
     """Whether ``--sdar-output-positions`` runs the output layer on the masked positions only."""
-    choice = getattr(args, "sdar_output_positions", "auto")
-    if choice == "auto":
-        return getattr(args, "tensor_model_parallel_size", 1) == 1
-    return choice == "masked"
+    return getattr(args, "sdar_output_positions", "masked") == "masked"
 
 
-def _broadcast_loss_index(masked: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """The masked positions (:func:`~megatron_sdar.model.masked_loss_index`) on every TP rank.
+_AGREEMENT_CHECKED: set[int] = set()
 
-    TP rank 0 builds the index from the data loader's host tensor (no device synchronisation) and
-    copies it from pinned memory; other ranks need its length first, one small broadcast read back
-    on the host.
+
+def _check_tensor_parallel_agreement(batch: dict[str, torch.Tensor], iterator: Any) -> None:
+    """Once per data iterator: every TP rank read the same micro-batch (one host read).
+
+    Each rank reads its own copy of the data; samples and noise depend on ``(seed, split, index)``
+    only, so a disagreement means a dataset that is not deterministic, which would train each
+    tensor-parallel shard on different data.
     """
     from megatron.core import parallel_state
 
-    from megatron_sdar.model import masked_loss_index
-
-    index = None
-    if masked is not None:
-        index = masked_loss_index(masked)
-        if index.device.type == "cpu" and device.type == "cuda":
-            index = index.pin_memory()
-        index = index.to(device, non_blocking=True)
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return index
+    if parallel_state.get_tensor_model_parallel_world_size() == 1 or id(iterator) in _AGREEMENT_CHECKED:
+        return
+    _AGREEMENT_CHECKED.add(id(iterator))
+    digest = torch.stack(
+        [batch["input_ids"].sum(), (batch["input_ids"] * batch["position_ids"]).sum(),
+         batch["layout"].to(torch.int64).sum(), batch["masked"].sum()]
+    )  # fmt: skip
+    low, high = digest.clone(), digest.clone()
     group = parallel_state.get_tensor_model_parallel_group()
-    src = parallel_state.get_tensor_model_parallel_src_rank()
-    length = torch.tensor([0 if index is None else index.numel()], dtype=torch.int64, device=device)
-    torch.distributed.broadcast(length, src, group=group)
-    if index is None:
-        index = torch.empty(int(length.item()), dtype=torch.int64, device=device)
-    torch.distributed.broadcast(index, src, group=group)
-    return index
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN, group=group)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX, group=group)
+    if not torch.equal(low, high):
+        raise RuntimeError(
+            "tensor-parallel ranks read different micro-batches: the dataset must give the same "
+            "sample for the same index on every rank (noise is seeded by --seed, split and index)"
+        )
 
 
 def get_sdar_batch(
@@ -414,10 +394,13 @@ def get_sdar_batch(
     seq_length: int,
     loss_index: bool = False,
 ) -> dict:
-    """The next SDAR micro-batch on ``device`` (read on TP rank 0, broadcast to the TP group); with
-    ``loss_index``, also the masked positions for :meth:`~megatron_sdar.model.SDARModel.selected_output`."""
-    from megatron.core import parallel_state
+    """The next SDAR micro-batch on ``device``; with ``loss_index``, also the masked positions for
+    :meth:`~megatron_sdar.model.SDARModel.selected_output`.
 
+    Every rank reads its own copy from its data loader (the dataset is built on every rank), so
+    nothing is broadcast, and the index of masked positions is built on the host from the loader's
+    (pinned) tensors and copied without a device synchronisation, at any tensor-parallel size.
+    """
     b, n = micro_batch_size, seq_length
     shapes = {
         "input_ids": ((b, 2 * n), torch.int64),
@@ -429,11 +412,26 @@ def get_sdar_batch(
         "mask_prob": ((b, n), torch.float32),
         "t": ((b, n), torch.float32),
     }
-    batch = next(data_iterator) if parallel_state.get_tensor_model_parallel_rank() == 0 else None
-    out = _broadcast_batch(batch, shapes, device)
+    if data_iterator is None:
+        raise RuntimeError("this rank has no data iterator; the SDAR datasets are built on every rank")
+    host = next(data_iterator)
+    for key, (shape, _) in shapes.items():
+        if tuple(host[key].shape) != shape:
+            raise ValueError(
+                f"micro-batch field {key!r} has shape {list(host[key].shape)}, expected {list(shape)} "
+                f"from --micro-batch-size {b} and --seq-length {n}"
+            )
+    out = {
+        key: host[key].to(device=device, dtype=dtype, non_blocking=True) for key, (_, dtype) in shapes.items()
+    }
     if loss_index:
-        masked = None if batch is None else batch["masked"].reshape(b, n).to(torch.bool)
-        out["loss_index"] = _broadcast_loss_index(masked, device)
+        from megatron_sdar.model import masked_loss_index
+
+        index = masked_loss_index(host["masked"].to(torch.bool))
+        if device.type == "cuda" and index.device.type == "cpu":
+            index = index.pin_memory()
+        out["loss_index"] = index.to(device, non_blocking=True)
+    _check_tensor_parallel_agreement(out, data_iterator)
     return out
 
 
@@ -499,16 +497,12 @@ def ar_loss(output: torch.Tensor, loss_mask: torch.Tensor):
 
 def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
     """CPT: Megatron GPT datasets (blends and splits as usual); SFT: packed windows."""
-    from megatron.core import parallel_state
     from megatron.training import get_args, get_tokenizer, print_rank_0
 
     args = get_args()
     sdar = sdar_config_from_args(args)
     tokenizer = get_tokenizer()
-    on_this_rank = parallel_state.get_tensor_model_parallel_rank() == 0
     if args.sdar_stage == "sft":
-        if not on_this_rank:
-            return None, None, None
         from megatron_sdar.data import SFTWindowDataset
 
         if not args.data_path or len(args.data_path) != 1:
@@ -543,9 +537,10 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
         )
         real, mock = _sdar_gpt_dataset_classes()
         print_rank_0("> building SDAR CPT datasets ...")
-        # Every rank enters the builder (it synchronises); only TP rank 0 of each stage builds.
+        # Every rank builds (the builder lets rank 0 write the index caches first) and reads its own
+        # copy of each micro-batch: see get_sdar_batch.
         datasets = BlendedMegatronDatasetBuilder(
-            mock if args.mock_data else real, train_val_test_num_samples, lambda: on_this_rank, gpt_config
+            mock if args.mock_data else real, train_val_test_num_samples, lambda: True, gpt_config
         ).build()
     return tuple(
         None if ds is None else SDARSampleDataset(ds, sdar, args.seed, split)
@@ -553,5 +548,5 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     )
 
 
-# Megatron calls the provider on every rank (the dataset builder synchronises across ranks).
+# Megatron calls the provider, and builds data loaders, on every rank.
 train_valid_test_datasets_provider.is_distributed = True

@@ -234,13 +234,24 @@ def test_sdar_batch_broadcast_shapes_single_rank(megatron_world):
 def test_output_positions_flag(monkeypatch):
     from megatron_sdar.training import output_on_masked
 
-    assert output_on_masked(parse([], monkeypatch))  # auto at TP=1: masked positions only
-    assert not output_on_masked(parse(["--tensor-model-parallel-size", "2"], monkeypatch))
-    forced = ["--tensor-model-parallel-size", "2", "--sdar-output-positions", "masked"]
-    assert output_on_masked(parse(forced, monkeypatch))
+    assert output_on_masked(parse([], monkeypatch))  # the default: masked positions only
+    assert output_on_masked(parse(["--tensor-model-parallel-size", "2"], monkeypatch))
     assert not output_on_masked(parse(["--sdar-output-positions", "noised"], monkeypatch))
     with pytest.raises(SystemExit):
         parse(["--sdar-output-positions", "all"], monkeypatch)
+
+
+def test_sdar_batch_with_wrong_sizes_fails_clearly(megatron_world):
+    from megatron_sdar.training import get_sdar_batch
+
+    sdar = SDARConfig(block_size=4, mask_token_id=99)
+    sample = {"tokens": torch.arange(16) + 2, "doc_ids": torch.zeros(16, dtype=torch.long),
+              "eligible": torch.ones(16, dtype=torch.bool)}  # fmt: skip
+    loader = torch.utils.data.DataLoader(SDARSampleDataset([sample] * 2, sdar, 0, "train"), batch_size=2)
+    with pytest.raises(ValueError, match="--micro-batch-size 4 and --seq-length 16"):
+        get_sdar_batch(iter(loader), torch.device("cpu"), micro_batch_size=4, seq_length=16)
+    with pytest.raises(RuntimeError, match="no data iterator"):
+        get_sdar_batch(None, torch.device("cpu"), micro_batch_size=2, seq_length=16)
 
 
 def test_resume_gives_the_same_samples_and_noise(cpt_prefix):
