@@ -387,6 +387,32 @@ def _check_tensor_parallel_agreement(batch: dict[str, torch.Tensor], iterator: A
         )
 
 
+# The fields the masks and RoPE tables are built from, and their device dtypes.
+REUSED_KEYS = {"layout": torch.int32, "position_ids": torch.int64}
+_LAST: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+
+def _reused(key: str, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The previous micro-batch's device tensor when ``host`` repeats its contents, else a new copy.
+
+    Masks and RoPE tables are cached per device tensor, so windows with the same packing (for
+    example windows inside one long document) share them instead of rebuilding them per
+    micro-batch. Comparing on the host costs no device synchronisation.
+    """
+    last = _LAST.get((key, device))
+    if (
+        last is not None
+        and last[1]._version == last[2]
+        and last[0].shape == host.shape
+        and last[0].dtype == host.dtype
+        and torch.equal(last[0], host)
+    ):
+        return last[1]
+    tensor = host.to(device=device, dtype=REUSED_KEYS[key], non_blocking=True)
+    _LAST[(key, device)] = (host, tensor, tensor._version)
+    return tensor
+
+
 def get_sdar_batch(
     data_iterator,
     device: torch.device,
@@ -399,7 +425,9 @@ def get_sdar_batch(
 
     Every rank reads its own copy from its data loader (the dataset is built on every rank), so
     nothing is broadcast, and the index of masked positions is built on the host from the loader's
-    (pinned) tensors and copied without a device synchronisation, at any tensor-parallel size.
+    (pinned) tensors and copied without a device synchronisation, at any tensor-parallel size. The
+    layout and positions come back as the previous micro-batch's tensors when they repeat, so
+    their masks are not rebuilt.
     """
     b, n = micro_batch_size, seq_length
     shapes = {
@@ -422,7 +450,10 @@ def get_sdar_batch(
                 f"from --micro-batch-size {b} and --seq-length {n}"
             )
     out = {
-        key: host[key].to(device=device, dtype=dtype, non_blocking=True) for key, (_, dtype) in shapes.items()
+        key: _reused(key, host[key], device)
+        if key in REUSED_KEYS
+        else host[key].to(device=device, dtype=dtype, non_blocking=True)
+        for key, (_, dtype) in shapes.items()
     }
     if loss_index:
         from megatron_sdar.model import masked_loss_index

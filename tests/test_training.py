@@ -241,6 +241,37 @@ def test_output_positions_flag(monkeypatch):
         parse(["--sdar-output-positions", "all"], monkeypatch)
 
 
+def test_repeated_layouts_reuse_the_device_tensors_and_their_masks(megatron_world):
+    """Micro-batches with the same packing get the same layout and position tensors back, so the
+    model's masks are built once; a different packing gets new ones."""
+    from megatron_sdar.attention import MASK_CACHE
+    from megatron_sdar.training import get_sdar_batch
+    from tests.helpers import tiny_model
+
+    sdar = SDARConfig(block_size=4, mask_token_id=99)
+
+    def sample(doc_ids):
+        return {"tokens": torch.arange(16) + 2, "doc_ids": torch.tensor(doc_ids),
+                "eligible": torch.ones(16, dtype=torch.bool)}  # fmt: skip
+
+    one_doc, two_docs = sample([0] * 16), sample([0] * 6 + [1] * 10)
+    # noise differs per sample index, packing repeats: [one, one], [one, one], [two, one]
+    dataset = SDARSampleDataset([one_doc] * 4 + [two_docs, one_doc], sdar, seed=0, split="train")
+    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=2))
+    first, second, third = (get_sdar_batch(batches, torch.device("cpu"), 2, 16) for _ in range(3))
+    assert not torch.equal(first["input_ids"], second["input_ids"])  # different noise
+    assert second["layout"] is first["layout"] and second["position_ids"] is first["position_ids"]
+    assert third["layout"] is not first["layout"] and not torch.equal(third["layout"], first["layout"])
+
+    model = tiny_model(sdar, vocab_size=100, seq_length=16)
+    before = MASK_CACHE.builds
+    for batch in (first, second):
+        model(batch["input_ids"], batch["position_ids"], batch["layout"], labels=batch["labels"])
+    assert MASK_CACHE.builds - before == 1
+    model(third["input_ids"], third["position_ids"], third["layout"], labels=third["labels"])
+    assert MASK_CACHE.builds - before == 2
+
+
 def test_sdar_batch_with_wrong_sizes_fails_clearly(megatron_world):
     from megatron_sdar.training import get_sdar_batch
 
