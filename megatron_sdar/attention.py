@@ -50,6 +50,7 @@ class SDARMaskCache:
     def __init__(self, max_entries: int = 8, split_band: str = "auto") -> None:
         self.max_entries = max_entries
         self.split_band = split_band  # the split back end's band kernel (build_split_plan's ``band``)
+        self._host: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._entries: OrderedDict[tuple, tuple[torch.Tensor, Any]] = OrderedDict()
         self.builds = 0  # number of masks built (RoPE tables not counted); tests use it to check sharing
 
@@ -83,7 +84,7 @@ class SDARMaskCache:
             if backend == "flex":
                 return build_block_mask(layout, clean_attention, compile=layout.is_cuda)
             if backend == "split":
-                return build_split_plan(layout, clean_attention, self.split_band)
+                return build_split_plan(layout, clean_attention, self.split_band, self.host_copy(layout))
             return dense_sdar_mask(layout, clean_attention)
 
         mask, built = self._lookup(self._key(layout, clean_attention, backend), layout, build)
@@ -102,8 +103,31 @@ class SDARMaskCache:
         key = self._key(layout, "rope", rotary.dim, rotary.rotary_base, dtype)
         return self._lookup(key, layout, lambda: rotary.tables(position_ids(), dtype))[0]
 
+    def set_host_copy(self, layout: torch.Tensor, host: torch.Tensor) -> None:
+        """Record that ``host`` (a CPU tensor) holds ``layout``'s document and block rows, so what
+        needs them on the host (the split plan) reads no device memory. The training loop has the
+        data loader's copy; a later in-place change of ``layout`` invalidates the record."""
+        if (
+            host.device.type != "cpu"
+            or host.shape[0] != layout.shape[0]
+            or host.shape[-1] != layout.shape[-1]
+        ):
+            raise ValueError(
+                f"host copy {list(host.shape)} on {host.device} does not match the layout "
+                f"{list(layout.shape)}"
+            )
+        self._host[self._key(layout)] = (layout, host)
+        while len(self._host) > self.max_entries:
+            self._host.popitem(last=False)
+
+    def host_copy(self, layout: torch.Tensor) -> torch.Tensor | None:
+        """The host copy recorded for ``layout`` (same tensor memory and version), if any."""
+        entry = self._host.get(self._key(layout))
+        return None if entry is None else entry[1]
+
     def clear(self) -> None:
         self._entries.clear()
+        self._host.clear()
 
 
 MASK_CACHE = SDARMaskCache()

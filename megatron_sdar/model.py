@@ -192,6 +192,7 @@ class SDARModel(GPTModel):
         for core in cores:
             core.use_rotary(self.sdar_rotary)
         self._rope_in_core = bool(cores)
+        self._mask_caches = list({id(core.mask_cache): core.mask_cache for core in cores}.values())
         self._last_layout: tuple | None = None
 
     def forward(
@@ -251,6 +252,10 @@ class SDARModel(GPTModel):
             return memo[3]
         positions = position_ids[:, :seq].to(layout.dtype).unsqueeze(1)
         combined = torch.cat([layout, positions], dim=1)
+        for cache in self._mask_caches:  # the loader's host copy of the layout serves both tensors
+            host = cache.host_copy(layout)
+            if host is not None:
+                cache.set_host_copy(combined, host)
         self._last_layout = (layout, position_ids, (layout._version, position_ids._version), combined)
         return combined
 

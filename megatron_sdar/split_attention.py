@@ -20,8 +20,9 @@ over tiles of ``S`` query positions against the ``3S`` positions around them (co
 only way on CPU; ``build_split_plan(band=...)`` chooses). See
 ``_SplitSDARAttention`` for how the backward pass makes both parts' gradients exact.
 
-The plan (segments, key rows, band masks) is built once per layout and cached with the other masks;
-building it reads the ``[b, 2, L]`` layout on the host once per micro-batch.
+The plan (segments, key rows, band masks) is built once per layout and cached with the other masks,
+from the data loader's host copy of the layout when the training loop recorded one
+(``SDARMaskCache.set_host_copy``), otherwise by reading the layout back once.
 
 On CPU the main part runs a dense reference of the same variable-length kernel (for tests); on CUDA
 it needs fp16 or bf16 inputs and a head size flash attention supports.
@@ -70,12 +71,17 @@ BAND_KERNELS = ("auto", "flex", "tiles")
 
 
 def build_split_plan(
-    layout: torch.Tensor, clean_attention: CleanAttention | str, band: str = "auto"
+    layout: torch.Tensor,
+    clean_attention: CleanAttention | str,
+    band: str = "auto",
+    host: torch.Tensor | None = None,
 ) -> SplitPlan:
-    """The split of the SDAR mask for a ``[b, 2, L]`` layout (one host read of the layout).
+    """The split of the SDAR mask for a ``[b, 2, L]`` layout.
 
     ``band``: how the band runs: ``flex`` (FlexAttention, CUDA), ``tiles`` (torch over tiles of
-    ``S`` positions, compiled on CUDA) or ``auto`` (flex on CUDA, tiles on CPU).
+    ``S`` positions, compiled on CUDA) or ``auto`` (flex on CUDA, tiles on CPU). ``host``: a CPU
+    copy of the layout's rows (the data loader's); without it the layout is read back once, which
+    synchronises with the device.
     """
     if band not in BAND_KERNELS:
         raise ValueError(f"band kernel must be one of {BAND_KERNELS}, got {band!r}")
@@ -83,8 +89,11 @@ def build_split_plan(
         raise ValueError("the FlexAttention band needs CUDA tensors; use band='tiles' on CPU")
     clean_attention = CleanAttention(clean_attention)
     batch, _, seq_len = layout.shape
-    host = layout.detach().to("cpu", torch.int64)
-    docs, blocks = host[:, LAYOUT_DOC], host[:, LAYOUT_BLOCK]
+    if host is None:
+        host = layout.detach()[:, :2].to("cpu", torch.int64)
+    elif host.device.type != "cpu" or host.shape[0] != batch or host.shape[-1] != seq_len:
+        raise ValueError(f"host copy {list(host.shape)} does not match the layout {list(layout.shape)}")
+    docs, blocks = host[:, LAYOUT_DOC].to(torch.int64), host[:, LAYOUT_BLOCK].to(torch.int64)
     new_doc = torch.ones(batch, seq_len, dtype=torch.bool)
     new_doc[:, 1:] = docs[:, 1:] != docs[:, :-1]
     for row in range(batch):
@@ -126,13 +135,13 @@ def build_split_plan(
         batch=batch,
         seq_len=seq_len,
         span=span,
-        cu_q=cu_q.to(device, torch.int32),
-        cu_k=cu_k.to(device, torch.int32),
+        cu_q=_to_device(cu_q.to(torch.int32), device),
+        cu_k=_to_device(cu_k.to(torch.int32), device),
         cu_q_host=tuple(cu_q.tolist()),
         cu_k_host=tuple(cu_k.tolist()),
         max_q=int(q_len.max()),
         max_k=int(k_len.max()),
-        key_rows=key_rows.to(device),
+        key_rows=_to_device(key_rows, device),
         local_mask=_local_mask(layout, span, clean_attention),
         band_block_mask=(
             _band_block_mask(layout, clean_attention, span)
@@ -140,6 +149,13 @@ def build_split_plan(
             else None
         ),
     )
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy without waiting for the device (through pinned memory on CUDA)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def _band_block_mask(layout: torch.Tensor, clean_attention: CleanAttention, span: int):

@@ -455,6 +455,10 @@ def get_sdar_batch(
         else host[key].to(device=device, dtype=dtype, non_blocking=True)
         for key, (_, dtype) in shapes.items()
     }
+    if host["layout"].device.type == "cpu":  # what is planned on the host reads this copy
+        from megatron_sdar.attention import MASK_CACHE
+
+        MASK_CACHE.set_host_copy(out["layout"], host["layout"])
     if loss_index:
         from megatron_sdar.model import masked_loss_index
 

@@ -3,8 +3,8 @@
 * FlexAttention and dense-mask SDPA back ends give the same loss and gradients (bf16 tolerance);
 * the split back end agrees with SDPA, and the output layer on masked positions only with the
   whole noised half;
-* no synchronising CUDA call in a FlexAttention forward+backward (the split back end's plan reads
-  the layout once; reported);
+* no synchronising CUDA call from reading a micro-batch (pinned loader) to the end of its
+  backward, with either fast back end;
 * full and selective activation recompute give the same loss and gradients as none (the layout
   tensor goes through ``tensor_parallel.checkpoint`` and the mask is rebuilt or reused inside).
 Prints one JSON line with the measured differences.
@@ -90,12 +90,15 @@ def main() -> None:
 
 
 def host_syncs(backend: str, vocab: int, seq: int) -> list[str]:
-    """Synchronising CUDA calls during one forward+backward of a new micro-batch (mask built inside),
-    after a warm-up micro-batch; the loss index comes from the host as in the training loop."""
-    from megatron_sdar.batch import build_sdar_batch
+    """Synchronising CUDA calls while the training loop's path reads a micro-batch from a pinned
+    data loader and runs forward+backward on it, after a warm-up micro-batch; the second packing
+    differs, so its mask (or split plan) is built inside the checked region."""
+    from megatron_sdar.batch import SDARBatch
     from megatron_sdar.config import SDARConfig
     from megatron_sdar.loss import sdar_loss
-    from megatron_sdar.model import build_sdar_model, masked_loss_index, qwen3_transformer_config
+    from megatron_sdar.masks import document_ids_from_lengths
+    from megatron_sdar.model import build_sdar_model, qwen3_transformer_config
+    from megatron_sdar.training import SDAR_KEYS, SDARSampleDataset, get_sdar_batch
 
     sdar = SDARConfig(block_size=4, mask_token_id=vocab - 1, attention_backend=backend)
     config = qwen3_transformer_config(
@@ -103,30 +106,34 @@ def host_syncs(backend: str, vocab: int, seq: int) -> list[str]:
         ffn_hidden_size=512, bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
     )  # fmt: skip
     model = build_sdar_model(config, sdar, vocab_size=vocab, max_sequence_length=2 * seq).cuda()
+    gen = torch.Generator().manual_seed(0)
+    samples = [
+        {"tokens": torch.randint(2, vocab - 1, (seq,), generator=gen),
+         "doc_ids": document_ids_from_lengths(lengths), "eligible": torch.ones(seq, dtype=torch.bool)}
+        for lengths in ([seq], [seq // 2, seq // 2], [seq // 3, seq - seq // 3], [seq])
+    ]  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        SDARSampleDataset(samples, sdar, 0, "train"), batch_size=2, pin_memory=True
+    )
+    batches = iter(loader)
 
-    def micro_batch(seed: int):
-        gen = torch.Generator().manual_seed(seed)
-        tokens = torch.randint(2, vocab - 1, (2, seq), generator=gen)
-        doc_ids = torch.zeros_like(tokens, dtype=torch.int32)
-        batch = build_sdar_batch(tokens, doc_ids, torch.ones_like(tokens, dtype=torch.bool), sdar, gen)
-        index = masked_loss_index(batch.masked).pin_memory()
-        for name in ("input_ids", "position_ids", "layout", "labels", "eligible", "masked", "mask_prob", "t"):
-            setattr(batch, name, getattr(batch, name).pin_memory().cuda(non_blocking=True))
-        return batch, index.cuda(non_blocking=True)
-
-    def step(batch, index) -> None:
-        out = model(batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels, loss_index=index)
+    def step() -> None:
+        data = get_sdar_batch(batches, torch.device("cuda"), 2, seq, loss_index=True)
+        batch = SDARBatch(**{k: data[k] for k in SDAR_KEYS})
+        out = model(
+            batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels,
+            loss_index=data["loss_index"],
+        )  # fmt: skip
         loss_sum, count, _ = sdar_loss(out, batch)
         (loss_sum / count).backward()
 
-    step(*micro_batch(0))
-    batch, index = micro_batch(1)
+    step()
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            step(batch, index)
+            step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return [str(w.message).splitlines()[0][:200] for w in caught if "synchroniz" in str(w.message)]

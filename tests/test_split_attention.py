@@ -167,6 +167,55 @@ def test_plan_is_built_once_per_layout_and_shared_by_layers():
     assert cache.builds == 1
 
 
+@pytest.mark.parametrize("case", ["docs-document", "two-rows-window"])
+def test_plan_from_the_host_copy_never_reads_the_layout(case):
+    """With the loader's host copy the plan needs the device layout only for device-side work:
+    a layout on the meta device (unreadable) gives the same segments as the real one."""
+    layout = layout_for(*CASES[case])
+    reference = build_split_plan(layout, "block_causal")
+    plan = build_split_plan(layout.to("meta"), "block_causal", host=layout.clone())
+    assert plan.cu_q_host == reference.cu_q_host and plan.cu_k_host == reference.cu_k_host
+    assert (plan.span, plan.max_q, plan.max_k) == (reference.span, reference.max_q, reference.max_k)
+    assert plan.key_rows.is_meta and plan.local_mask.shape == reference.local_mask.shape
+    with pytest.raises(ValueError, match="does not match the layout"):
+        build_split_plan(layout, "block_causal", host=layout[:, :, :-1].clone())
+
+
+def test_host_copies_follow_the_layout_through_cache_and_model(monkeypatch, megatron_world):
+    """The training loop records the loader's copy; the model passes it on to the layout it builds
+    (with positions) and the split plan is built from it. An in-place change forgets it."""
+    import megatron_sdar.attention as attention
+    from megatron_sdar.batch import build_sdar_batch
+    from megatron_sdar.config import SDARConfig
+    from tests.helpers import tiny_model
+
+    cache = SDARMaskCache()
+    layout = layout_for([[6, 10]], 4, "document")
+    host = layout.clone()
+    cache.set_host_copy(layout, host)
+    assert cache.host_copy(layout) is host and cache.host_copy(layout.clone()) is None
+    with pytest.raises(ValueError, match="does not match"):
+        cache.set_host_copy(layout, host[:, :, :4])
+
+    seen = []
+
+    def spy(layout, clean, band="auto", host=None):
+        seen.append(host)
+        return build_split_plan(layout, clean, band, host)
+
+    monkeypatch.setattr(attention, "build_split_plan", spy)
+    sdar = SDARConfig(block_size=4, mask_token_id=63, attention_backend="split")
+    model = tiny_model(sdar, vocab_size=64, seq_length=16)
+    tokens = torch.randint(0, 63, (1, 16), generator=torch.Generator().manual_seed(0))
+    doc_ids = document_ids_from_lengths([6, 10]).unsqueeze(0)
+    batch = build_sdar_batch(tokens, doc_ids, torch.ones_like(tokens, dtype=torch.bool), sdar)
+    attention.MASK_CACHE.set_host_copy(batch.layout, host)
+    model(batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels)
+    assert len(seen) == 1 and seen[0] is host
+    batch.layout[:, 1, -1] += 0  # an in-place op bumps the version: the record no longer applies
+    assert attention.MASK_CACHE.host_copy(batch.layout) is None
+
+
 def test_plan_refuses_layouts_it_cannot_split():
     split_doc = torch.tensor([[[0, 0, 1, 1, 0, 0, 2, 2], [0, 0, 0, 0, 0, 0, 0, 0]]], dtype=torch.int32)
     with pytest.raises(ValueError, match="document id in more than one span"):
