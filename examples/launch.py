@@ -131,7 +131,7 @@ def pretrain_args(args: argparse.Namespace) -> list[str]:
         "--clip-grad", "1.0", "--adam-beta2", "0.95", "--bf16", "--use-distributed-optimizer",
         "--overlap-grad-reduce", "--overlap-param-gather", "--calculate-per-token-loss",
         "--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1",
-        "--transformer-impl", "transformer_engine",
+        "--transformer-impl", "transformer_engine", "--cross-entropy-loss-fusion",
         "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer,
         "--data-path", *args.data_path, "--save", args.save, "--save-interval", "500",
         "--log-interval", "10", "--tensorboard-dir", os.path.join(args.save, "tensorboard"),

@@ -107,12 +107,19 @@ def tiny_model(work: str, corpus: str) -> str:
 
 
 def math_data(work: str, train: int, held_out: int) -> tuple[str, str]:
-    """gsm_symbolic problems: chat JSONL with worked answers for SFT, question/answer JSONL to score."""
+    """gsm_symbolic problems: chat JSONL with worked answers for SFT, question/answer JSONL to score.
+
+    Files already in ``work`` with the requested numbers of lines are kept (the problems are drawn
+    with fixed seeds), so a re-run, or a machine without ``reasoning-gym`` given the files, skips
+    the generation.
+    """
+    sft, evaluation = os.path.join(work, "gsm_sft.jsonl"), os.path.join(work, "gsm_eval.jsonl")
+    if _line_count(sft) == train and _line_count(evaluation) == held_out:
+        return sft, evaluation
     try:
         import reasoning_gym
     except ImportError:
         raise SystemExit("error: reasoning-gym is missing: pip install -e '.[data]'") from None
-    sft, evaluation = os.path.join(work, "gsm_sft.jsonl"), os.path.join(work, "gsm_eval.jsonl")
     with open(sft, "w") as f:
         for item in reasoning_gym.create_dataset("gsm_symbolic", size=train, seed=1):
             answer = item["metadata"].get("answer_cot") or f"#### {item['answer']}"
@@ -122,6 +129,13 @@ def math_data(work: str, train: int, held_out: int) -> tuple[str, str]:
         for item in reasoning_gym.create_dataset("gsm_symbolic", size=held_out, seed=2):
             f.write(json.dumps({"question": item["question"], "answer": f"#### {item['answer']}"}) + "\n")
     return sft, evaluation
+
+
+def _line_count(path: str) -> int | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return sum(1 for _ in f)
 
 
 def environment_flags() -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, __import__("os").path.join(__import__("os").path.dirname(__file__), "..", "examples"))
@@ -85,3 +86,24 @@ def test_recipe_quickstart_tiny_end_to_end(tmp_path, monkeypatch):
     assert config["model_type"] == "sdar" and config["block_size"] == 4
     assert config["mask_token_id"] == config["vocab_size"] - 1  # the added <|mask|> row
     assert (tmp_path / "summary.json").exists() and (tmp_path / "eval.json").exists()
+
+
+def test_math_data_is_kept_when_present(tmp_path, monkeypatch):
+    """Problem files with the requested counts are reused (no reasoning-gym needed); others are
+    regenerated with the fixed seeds."""
+    import quickstart as recipe
+
+    sft, held_out = tmp_path / "gsm_sft.jsonl", tmp_path / "gsm_eval.jsonl"
+    sft.write_text('{"messages": []}\n' * 3)
+    held_out.write_text('{"question": "q", "answer": "#### 1"}\n' * 2)
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # importing it now fails
+    assert recipe.math_data(str(tmp_path), 3, 2) == (str(sft), str(held_out))
+    assert sft.read_text() == '{"messages": []}\n' * 3
+    with pytest.raises(SystemExit, match="reasoning-gym is missing"):
+        recipe.math_data(str(tmp_path), 4, 2)
+    monkeypatch.delitem(sys.modules, "reasoning_gym")
+    recipe.math_data(str(tmp_path), 4, 2)
+    lines = sft.read_text().splitlines()
+    assert len(lines) == 4 and all(
+        json_line.startswith('{"messages": [{"role": "user"') for json_line in lines
+    )
