@@ -14,11 +14,10 @@ cos/sin tables built once per micro-batch instead of once per layer.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
+from megatron_sdar.compiled import compiled_on_cuda
 from megatron_sdar.masks import positions_in_document
 
 
@@ -59,16 +58,12 @@ def _rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
-@functools.cache
-def _compiled_rope():
-    return torch.compile(_rope)
+_rope_fused = compiled_on_cuda(_rope)
 
 
 def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``t [s, b, heads, d]`` by the ``[s, b, 1, d_rot]`` tables (compiled on CUDA)."""
-    if t.is_cuda and not torch.compiler.is_compiling():
-        return _compiled_rope()(t, cos, sin)
-    return _rope(t, cos, sin)
+    return _rope_fused(t, cos, sin)
 
 
 def sdar_position_ids(doc_ids: torch.Tensor, restart_per_document: bool) -> torch.Tensor:

@@ -30,12 +30,12 @@ it needs fp16 or bf16 inputs and a head size flash attention supports.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from megatron_sdar.compiled import compiled_on_cuda
 from megatron_sdar.masks import LAYOUT_BLOCK, LAYOUT_DOC, CleanAttention, sdar_mask_mod, sdar_mask_rule
 
 
@@ -322,14 +322,13 @@ def _from_tiles(x: torch.Tensor, b: int, seq: int, span: int, tiles: int) -> tor
 
 
 def _band_tiles(q, k, v, plan: SplitPlan, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The band in plain (differentiable) torch over tiles of ``S`` positions: output and lse
-    (compiled into a few kernels on CUDA)."""
+    """The band in plain (differentiable) torch over tiles of ``S`` positions: output and lse."""
     sizes = (plan.batch, plan.seq_len, plan.span, plan.tiles)
-    band = _compiled_band_tiles() if q.is_cuda and not torch.compiler.is_compiling() else _band_tiles_eager
-    return band(q, k, v, plan.local_mask, *sizes, scale)
+    return _band_tiles_core(q, k, v, plan.local_mask, *sizes, scale)
 
 
-def _band_tiles_eager(q, k, v, local_mask, b: int, seq: int, span: int, tiles: int, scale: float):
+@compiled_on_cuda(dynamic=False)
+def _band_tiles_core(q, k, v, local_mask, b: int, seq: int, span: int, tiles: int, scale: float):
     """Disallowed pairs get the dtype's lowest finite value rather than ``-inf``, so a row without
     band keys has finite (unused: its merge weight is 0) values and no NaN reaches the gradients."""
     qt, kt, vt = _tiles(q, k, v, b, seq, span, tiles)
@@ -341,12 +340,6 @@ def _band_tiles_eager(q, k, v, local_mask, b: int, seq: int, span: int, tiles: i
     out = torch.einsum("bthgxiyw,bytwhd->bthgxid", probs, vt)
     sizes = (b, seq, span, tiles)
     return _from_tiles(out, *sizes), _from_tiles(lse, *sizes)
-
-
-@functools.cache
-def _compiled_band_tiles():
-    # sizes are fixed for a run: specialise on them rather than trace dynamic shapes
-    return torch.compile(_band_tiles_eager, dynamic=False)
 
 
 def band_mask_mod(layout: torch.Tensor, clean_attention: CleanAttention | str, span: int):
@@ -404,12 +397,7 @@ class _SplitSDARAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, plan: SplitPlan, scale: float):
         out_main, lse_main = _main_forward(q, k, v, plan, scale)
         out_band, lse_band = _band(q, k, v, plan, scale)
-        acc = _accumulation_dtype(q.dtype)
-        lse = torch.logaddexp(lse_main.to(acc), lse_band.to(acc))
-        w_main = torch.exp(lse_main - lse)[..., None]
-        w_band = torch.exp(lse_band - lse)[..., None]
-        main = torch.where(w_main > 0, out_main.to(acc), 0.0)
-        out = (w_main * main + w_band * out_band.to(acc)).to(q.dtype)
+        out, lse = _merge(out_main, lse_main, out_band, lse_band)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale = plan, scale
         return out
@@ -423,16 +411,44 @@ class _SplitSDARAttention(torch.autograd.Function):
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_() for x in (q, k, v)]
             out_band, lse_band = _band(*leaves, plan, scale)
-            acc = lse.dtype
-            weight = torch.exp(lse_band.detach().to(acc) - lse)
-            dout_acc = dout.to(acc)
-            delta = (dout_acc * out.to(acc)).sum(-1)
-            delta_band = (dout_acc * out_band.detach().to(acc)).sum(-1)
-            grad_out = (weight[..., None] * dout_acc).to(out_band.dtype)
-            grad_lse = (-weight * (delta - delta_band)).to(lse_band.dtype)
+            grad_out, grad_lse = _band_output_grads(dout, out, out_band.detach(), lse_band.detach(), lse)
             band = torch.autograd.grad((out_band, lse_band), leaves, (grad_out, grad_lse))
-        dq = (dq.to(acc) + band[0].to(acc)).to(q.dtype)
-        return dq, (dk + band[1].to(acc)).to(k.dtype), (dv + band[2].to(acc)).to(v.dtype), None, None
+        return (*_add_grads(dq, dk, dv, *band), None, None)
+
+
+@compiled_on_cuda(dynamic=False)
+def _merge(out_main, lse_main, out_band, lse_band):
+    """Merged output (input dtype) and log-sum-exp (accumulation dtype) of the two parts."""
+    acc = _accumulation_dtype(out_main.dtype)
+    lse = torch.logaddexp(lse_main.to(acc), lse_band.to(acc))
+    w_main = torch.exp(lse_main - lse)[..., None]
+    w_band = torch.exp(lse_band - lse)[..., None]
+    main = torch.where(w_main > 0, out_main.to(acc), 0.0)  # rows without main keys hold garbage
+    return (w_main * main + w_band * out_band.to(acc)).to(out_main.dtype), lse
+
+
+@compiled_on_cuda(dynamic=False)
+def _band_output_grads(dout, out, out_band, lse_band, lse):
+    """The band's output and lse gradients that turn its softmax gradient into the merged one's."""
+    acc = lse.dtype
+    weight = torch.exp(lse_band.to(acc) - lse)
+    dout_acc = dout.to(acc)
+    delta = (dout_acc * out.to(acc)).sum(-1)
+    delta_band = (dout_acc * out_band.to(acc)).sum(-1)
+    grad_out = (weight[..., None] * dout_acc).to(out_band.dtype)
+    grad_lse = (-weight * (delta - delta_band)).to(lse_band.dtype)
+    return grad_out, grad_lse
+
+
+@compiled_on_cuda(dynamic=False)
+def _add_grads(dq, dk, dv, band_dq, band_dk, band_dv):
+    """Main plus band gradients, summed in the accumulation dtype (``dk``/``dv`` already are)."""
+    acc = dk.dtype
+    return (
+        (dq.to(acc) + band_dq.to(acc)).to(band_dq.dtype),
+        (dk + band_dk.to(acc)).to(band_dk.dtype),
+        (dv + band_dv.to(acc)).to(band_dv.dtype),
+    )
 
 
 def split_sdar_attention(
