@@ -209,6 +209,15 @@ def validate_sdar_args(args: argparse.Namespace, vocab_size: int | None = None, 
             problems.append("--sdar-mask-token-id is required (Qwen3: 151669 '<|MASK|>')")
         if args.attention_dropout != 0.0:
             problems.append("SDAR attention has no dropout: pass --attention-dropout 0")
+        if args.sdar_attention_backend == "split":
+            if not (getattr(args, "bf16", False) or getattr(args, "fp16", False)):
+                problems.append("--sdar-attention-backend split runs flash attention, which needs "
+                                "--bf16 or --fp16 (or use --sdar-attention-backend flex)")  # fmt: skip
+            head_dim = getattr(args, "kv_channels", None) or args.hidden_size // args.num_attention_heads
+            if head_dim > 256 or head_dim % 8:
+                problems.append(f"--sdar-attention-backend split runs flash attention, which needs a head "
+                                f"size that is a multiple of 8 up to 256 (got {head_dim}); use "
+                                "--sdar-attention-backend flex")  # fmt: skip
         try:
             known_vocab = vocab_size if args.sdar_mask_token_id is not None else None
             sdar_config_from_args(args).validate(args.seq_length, known_vocab, special_tokens)

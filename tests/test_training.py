@@ -50,12 +50,18 @@ def test_defaults_are_valid(monkeypatch):
         (["--transformer-impl", "transformer_engine"], 128, None, "Transformer Engine is not installed"),
         (["--attention-dropout", "0.1"], 128, None, "--attention-dropout 0"),
         (["--sdar-noise-eps", "1.5"], 128, None, "--sdar-noise-eps"),
+        (["--sdar-attention-backend", "split"], 128, None, "needs --bf16 or --fp16"),
+        (["--sdar-attention-backend", "split", "--bf16", "--kv-channels", "12"], 128, None, "multiple of 8"),
     ],
 )
 def test_invalid_settings_fail_with_advice(extra, vocab, special, message, monkeypatch):
     args = parse(extra, monkeypatch)
     with pytest.raises(ValueError, match=message):
         validate_sdar_args(args, vocab_size=vocab, special_tokens=special)
+
+
+def test_split_backend_in_bf16_is_valid(monkeypatch):
+    validate_sdar_args(parse(["--sdar-attention-backend", "split", "--bf16"], monkeypatch), vocab_size=128)
 
 
 @pytest.mark.parametrize(
