@@ -43,11 +43,13 @@ class SDARMaskCache:
     replay receives a detached alias of it (same storage, same version counter), so a key made of
     storage address, offset, shape, strides and version finds the mask the first layer built in
     both cases. An in-place change bumps the version and forces a rebuild. Entries hold a reference
-    to their layout, so a cached storage address cannot be reused by another tensor. A few entries
-    are kept for pipeline schedules that interleave micro-batches.
+    to their layout, so a cached storage address cannot be reused by another tensor. Entries are
+    kept for the micro-batches a pipeline schedule has in flight (each takes about two: its mask or
+    split plan and its RoPE tables, and as many host copies), so a recompute replay in backward still
+    finds them; masks and plans are small next to the activations they serve.
     """
 
-    def __init__(self, max_entries: int = 8, split_band: str = "auto") -> None:
+    def __init__(self, max_entries: int = 32, split_band: str = "auto") -> None:
         self.max_entries = max_entries
         self.split_band = split_band  # the split back end's band kernel (build_split_plan's ``band``)
         self._host: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -116,14 +118,20 @@ class SDARMaskCache:
                 f"host copy {list(host.shape)} on {host.device} does not match the layout "
                 f"{list(layout.shape)}"
             )
-        self._host[self._key(layout)] = (layout, host)
+        key = self._key(layout)
+        self._host[key] = (layout, host)
+        self._host.move_to_end(key)
         while len(self._host) > self.max_entries:
             self._host.popitem(last=False)
 
     def host_copy(self, layout: torch.Tensor) -> torch.Tensor | None:
         """The host copy recorded for ``layout`` (same tensor memory and version), if any."""
-        entry = self._host.get(self._key(layout))
-        return None if entry is None else entry[1]
+        key = self._key(layout)
+        entry = self._host.get(key)
+        if entry is None:
+            return None
+        self._host.move_to_end(key)
+        return entry[1]
 
     def clear(self) -> None:
         self._entries.clear()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import weakref
 from functools import partial
 from typing import Any
 
@@ -167,6 +168,8 @@ def validate_sdar_args(args: argparse.Namespace, vocab_size: int | None = None, 
     if getattr(args, "sequence_parallel", False) and args.seq_length % tp:
         problems.append(f"--sequence-parallel splits the window over TP={tp}, but --seq-length "
                         f"{args.seq_length} is not a multiple of it")  # fmt: skip
+    if getattr(args, "rotary_interleaved", False):
+        problems.append("SDAR models use non-interleaved RoPE (Qwen3, Llama): drop --rotary-interleaved")
     if args.position_embedding_type != "rope":
         problems.append(f"SDAR models use RoPE: pass --position-embedding-type rope "
                         f"(got {args.position_embedding_type})")  # fmt: skip
@@ -366,7 +369,22 @@ def output_on_masked(args: argparse.Namespace) -> bool:
     return getattr(args, "sdar_output_positions", "masked") == "masked"
 
 
-_AGREEMENT_CHECKED: set[int] = set()
+_AGREEMENT_CHECKED = weakref.WeakSet()
+_AGREEMENT_CHECKED_PLAIN: dict[int, Any] = {}  # iterators without weak references, kept alive
+
+
+def _first_batch_of(iterator: Any) -> bool:
+    """Whether ``iterator`` is seen here for the first time (an iterator is remembered without
+    relying on ``id``, which a new object may reuse once the old one is gone)."""
+    try:
+        if iterator in _AGREEMENT_CHECKED:
+            return False
+        _AGREEMENT_CHECKED.add(iterator)
+    except TypeError:  # e.g. a list iterator: keep it alive so that its id stays its own
+        if id(iterator) in _AGREEMENT_CHECKED_PLAIN:
+            return False
+        _AGREEMENT_CHECKED_PLAIN[id(iterator)] = iterator
+    return True
 
 
 def _check_tensor_parallel_agreement(batch: dict[str, torch.Tensor], iterator: Any) -> None:
@@ -378,9 +396,8 @@ def _check_tensor_parallel_agreement(batch: dict[str, torch.Tensor], iterator: A
     """
     from megatron.core import parallel_state
 
-    if parallel_state.get_tensor_model_parallel_world_size() == 1 or id(iterator) in _AGREEMENT_CHECKED:
+    if parallel_state.get_tensor_model_parallel_world_size() == 1 or not _first_batch_of(iterator):
         return
-    _AGREEMENT_CHECKED.add(id(iterator))
     digest = torch.stack(
         [batch["input_ids"].sum(), (batch["input_ids"] * batch["position_ids"]).sum(),
          batch["layout"].to(torch.int64).sum(), batch["masked"].sum()]

@@ -198,6 +198,13 @@ def test_host_copies_follow_the_layout_through_cache_and_model(monkeypatch, mega
     assert cache.host_copy(layout) is host and cache.host_copy(layout.clone()) is None
     with pytest.raises(ValueError, match="does not match"):
         cache.set_host_copy(layout, host[:, :, :4])
+    small = SDARMaskCache(max_entries=2)  # least recently used copies go first
+    layouts = [layout_for([[8]], 4, "document") for _ in range(3)]
+    small.set_host_copy(layouts[0], host[:, :, :8].clone())
+    small.set_host_copy(layouts[1], host[:, :, :8].clone())
+    assert small.host_copy(layouts[0]) is not None
+    small.set_host_copy(layouts[2], host[:, :, :8].clone())
+    assert small.host_copy(layouts[1]) is None and small.host_copy(layouts[0]) is not None
 
     seen = []
 

@@ -51,6 +51,7 @@ def test_defaults_are_valid(monkeypatch):
         (["--attention-dropout", "0.1"], 128, None, "--attention-dropout 0"),
         (["--sdar-noise-eps", "1.5"], 128, None, "--sdar-noise-eps"),
         (["--sdar-attention-backend", "split"], 128, None, "needs --bf16 or --fp16"),
+        (["--rotary-interleaved"], 128, None, "non-interleaved RoPE"),
         (["--sdar-attention-backend", "split", "--bf16", "--kv-channels", "12"], 128, None, "multiple of 8"),
     ],
 )
@@ -276,6 +277,22 @@ def test_repeated_layouts_reuse_the_device_tensors_and_their_masks(megatron_worl
     assert MASK_CACHE.builds - before == 1
     model(third["input_ids"], third["position_ids"], third["layout"], labels=third["labels"])
     assert MASK_CACHE.builds - before == 2
+
+
+def test_agreement_check_runs_once_per_live_iterator():
+    from megatron_sdar.training import _first_batch_of
+
+    class Batches:
+        def __next__(self):
+            return {}
+
+    a = Batches()
+    assert _first_batch_of(a) and not _first_batch_of(a)
+    del a
+    for _ in range(3):  # new objects, whatever addresses they get
+        assert _first_batch_of(Batches())
+    plain = iter([1, 2])  # no weak references: remembered by id and kept alive
+    assert _first_batch_of(plain) and not _first_batch_of(plain)
 
 
 def test_sdar_batch_with_wrong_sizes_fails_clearly(megatron_world):
