@@ -153,7 +153,49 @@ def _with_torch_norms(config: TransformerConfig, spec: Any, vp_stage: int | None
     return TransformerBlockSubmodules(layer_specs=patched, layer_norm=Norm)
 
 
-class SDARModel(GPTModel):
+class RoPEInCoreModel(GPTModel):
+    """``GPTModel`` whose core attentions apply RoPE themselves, from positions the model hands them
+    through ``attention_mask`` (one compiled kernel each way on CUDA, tables built once per
+    micro-batch); Megatron's attention gets no rotary embedding, which it fuses only with TE.
+
+    Subclasses name the core attention type that accepts the positions (``use_rotary``);
+    ``_rope_in_core`` records whether this stage holds any such layer.
+    """
+
+    core_attention_type: type
+    description: str
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        transformer_layer_spec: Any,
+        vocab_size: int,
+        max_sequence_length: int,
+        rotary_base: float = 10000.0,
+        rotary_percent: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.pop("position_embedding_type", "rope") != "rope":
+            raise ValueError(f"{self.description} uses rotary position embeddings only")
+        # The parent builds no rotary module: positions come from explicit ids (PositionRotaryEmbedding).
+        super().__init__(
+            config=config,
+            transformer_layer_spec=transformer_layer_spec,
+            vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length,
+            position_embedding_type="none",
+            **kwargs,
+        )
+        self.sdar_rotary = PositionRotaryEmbedding(config.kv_channels, rotary_base, rotary_percent)
+        self.rotary_base = rotary_base
+        cores = [m for m in self.modules() if isinstance(m, self.core_attention_type)]
+        for core in cores:
+            core.use_rotary(self.sdar_rotary)
+        self._rope_in_core = bool(cores)
+        self._mask_caches = list({id(core.mask_cache): core.mask_cache for core in cores}.values())
+
+
+class SDARModel(RoPEInCoreModel):
     """``GPTModel`` over ``[x_t ; x_0]`` trained with the block-diffusion objective.
 
     ``forward(input_ids [b, 2L], position_ids [b, 2L], attention_mask = layout [b, 2, L],
@@ -161,6 +203,9 @@ class SDARModel(GPTModel):
     the clean token at the same position, and whether the prediction was right (for logging).
     Without labels it returns the noised half's logits ``[b, L, vocab / tp]``.
     """
+
+    core_attention_type = SDARCoreAttention
+    description = "the SDAR model"
 
     def __init__(
         self,
@@ -173,26 +218,11 @@ class SDARModel(GPTModel):
         rotary_percent: float = 1.0,
         **kwargs: Any,
     ) -> None:
-        if kwargs.pop("position_embedding_type", "rope") != "rope":
-            raise ValueError("the SDAR model uses rotary position embeddings only")
-        # The parent builds no rotary module: positions come from explicit ids (PositionRotaryEmbedding).
         super().__init__(
-            config=config,
-            transformer_layer_spec=transformer_layer_spec,
-            vocab_size=vocab_size,
-            max_sequence_length=max_sequence_length,
-            position_embedding_type="none",
+            config, transformer_layer_spec, vocab_size, max_sequence_length, rotary_base, rotary_percent,
             **kwargs,
-        )
+        )  # fmt: skip
         self.sdar_config = sdar_config
-        self.sdar_rotary = PositionRotaryEmbedding(config.kv_channels, rotary_base, rotary_percent)
-        self.rotary_base = rotary_base
-        # RoPE runs inside the SDAR core attentions (fused there; Megatron fuses it only with TE).
-        cores = [m for m in self.modules() if isinstance(m, SDARCoreAttention)]
-        for core in cores:
-            core.use_rotary(self.sdar_rotary)
-        self._rope_in_core = bool(cores)
-        self._mask_caches = list({id(core.mask_cache): core.mask_cache for core in cores}.values())
         self._last_layout: tuple | None = None
 
     def forward(
@@ -378,7 +408,7 @@ def qwen3_transformer_config(**overrides: Any) -> TransformerConfig:
     return TransformerConfig(**base)
 
 
-class ARModel(GPTModel):
+class ARModel(RoPEInCoreModel):
     """The causal-LM baseline (``--sdar-objective ar``) with RoPE applied in its core attention.
 
     Same parameters, state-dict keys and loss as ``GPTModel``: the only change is where RoPE runs.
@@ -388,36 +418,16 @@ class ARModel(GPTModel):
     (:func:`ar_layer_spec` without Transformer Engine; with TE, use ``GPTModel``, TE fuses RoPE).
     """
 
-    def __init__(
-        self,
-        config: TransformerConfig,
-        transformer_layer_spec: Any,
-        vocab_size: int,
-        max_sequence_length: int,
-        rotary_base: float = 10000.0,
-        rotary_percent: float = 1.0,
-        **kwargs: Any,
-    ) -> None:
-        if kwargs.pop("position_embedding_type", "rope") != "rope":
-            raise ValueError("the AR baseline uses rotary position embeddings only")
-        super().__init__(
-            config=config,
-            transformer_layer_spec=transformer_layer_spec,
-            vocab_size=vocab_size,
-            max_sequence_length=max_sequence_length,
-            position_embedding_type="none",
-            **kwargs,
-        )
-        self.sdar_rotary = PositionRotaryEmbedding(config.kv_channels, rotary_base, rotary_percent)
-        self.rotary_base = rotary_base
-        cores = [m for m in self.modules() if isinstance(m, CausalCoreAttention)]
-        if not cores and len(self.decoder.layers) > 0:  # a pipeline stage may hold no layers
+    core_attention_type = CausalCoreAttention
+    description = "the AR baseline"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not self._rope_in_core and len(self.decoder.layers) > 0:  # a stage may hold no layers
             raise ValueError(
                 "ARModel applies RoPE in CausalCoreAttention (the local spec from ar_layer_spec); "
                 "with Transformer Engine build a GPTModel"
             )
-        for core in cores:
-            core.use_rotary(self.sdar_rotary)
 
     def forward(
         self,
