@@ -35,7 +35,7 @@ def _use_shipped_dataset_helpers() -> None:
 def _extra_args(parser):
     """Add the ``--sdar-*`` group; also escape stray ``%`` in Megatron's own help texts, which
     otherwise make ``--help`` crash in megatron-core 0.19.2."""
-    from megatron_sdar.training import add_sdar_args
+    from megatron_sdar.training.arguments import add_sdar_args
 
     for action in parser._actions:
         if action.help:
@@ -52,13 +52,11 @@ def main() -> None:
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
-    from megatron_sdar.hf_checkpoint import check_checkpoint_architecture
-    from megatron_sdar.training import (
-        forward_step,
-        model_provider,
-        train_valid_test_datasets_provider,
-        validate_sdar_args,
-    )
+    from megatron_sdar.conversion.megatron import check_checkpoint_architecture
+    from megatron_sdar.training.arguments import validate_sdar_args
+    from megatron_sdar.training.datasets import train_valid_test_datasets_provider
+    from megatron_sdar.training.model_provider import model_provider
+    from megatron_sdar.training.step import forward_step
 
     _use_shipped_dataset_helpers()
     args = parse_and_validate_args(extra_args_provider=_extra_args)

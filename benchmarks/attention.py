@@ -56,7 +56,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.timing import cuda_time, wall_time  # noqa: E402
-from megatron_sdar.training import json_object  # noqa: E402
+from megatron_sdar.training.arguments import json_object  # noqa: E402
 
 TILE = 128  # FlexAttention's default BlockMask tile
 
@@ -198,8 +198,9 @@ def library_attention(
     out, with the mask built once per layout by its cache."""
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_sdar.attention import SDARCoreAttention, SDARMaskCache
-    from megatron_sdar.model import qwen3_transformer_config
+    from megatron_sdar.attention.cache import SDARMaskCache
+    from megatron_sdar.attention.core import SDARCoreAttention
+    from megatron_sdar.model.base import qwen3_transformer_config
 
     config = qwen3_transformer_config(
         num_layers=1,
@@ -254,8 +255,8 @@ def direct_attention(block_mask, kernel_options: dict | None = None) -> Callable
 
 
 def benchmark(args) -> list[dict]:
-    from megatron_sdar.masks import build_block_mask
-    from megatron_sdar.split_attention import build_split_plan
+    from megatron_sdar.attention.flex import build_block_mask
+    from megatron_sdar.attention.split import build_split_plan
 
     backends = args.backends if args.path == "library" else ["flex"]
     rows = []
@@ -380,7 +381,8 @@ def sweep(args) -> dict:
 
 def check(args) -> tuple[dict, bool]:
     """Flex (library and direct) and split vs dense-mask SDPA, output and input gradients, bf16."""
-    from megatron_sdar.masks import build_block_mask, dense_sdar_mask
+    from megatron_sdar.attention.flex import build_block_mask
+    from megatron_sdar.masks import dense_sdar_mask
 
     seq_len, block = args.check_length, args.check_block_size
     if seq_len % block:

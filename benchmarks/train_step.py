@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.timing import cuda_time  # noqa: E402
-from megatron_sdar.training import json_object  # noqa: E402
+from megatron_sdar.training.arguments import json_object  # noqa: E402
 
 OBJECTIVES = ("sdar", "sdar-split", "ar", "hf-sdar")
 SDAR_BACKENDS = {"sdar": "flex", "sdar-split": "split"}
@@ -104,7 +104,7 @@ def init_world() -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_sdar.parallel import free_port
+    from megatron_sdar.local_world import free_port
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -115,7 +115,7 @@ def init_world() -> None:
 
 
 def transformer_config(args):
-    from megatron_sdar.model import qwen3_transformer_config
+    from megatron_sdar.model.base import qwen3_transformer_config
 
     recompute = {}
     if args.recompute == "full":
@@ -171,13 +171,14 @@ def build_model(args, objective: str) -> torch.nn.Module:
         return Qwen3ForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16)
     config = transformer_config(args)
     if objective in SDAR_BACKENDS:
-        from megatron_sdar.model import build_sdar_model
+        from megatron_sdar.model.sdar import build_sdar_model
 
         return build_sdar_model(
             config, sdar_config(args, objective), vocab_size=args.vocab_size,
             max_sequence_length=2 * args.seq_length, share_embeddings_and_output_weights=tied,
         ).cuda()  # fmt: skip
-    from megatron_sdar.model import ARModel, ar_layer_spec
+    from megatron_sdar.model.ar import ARModel
+    from megatron_sdar.model.specs import ar_layer_spec
 
     return ARModel(
         config=config, transformer_layer_spec=ar_layer_spec(config), vocab_size=args.vocab_size,
@@ -189,10 +190,10 @@ def build_model(args, objective: str) -> torch.nn.Module:
 def step_fn(args, objective: str, model, batch) -> Callable[[], None]:
     """One forward+backward of ``objective`` on ``batch`` (gradients cleared first, not accumulated)."""
     from megatron_sdar.loss import sdar_loss
-    from megatron_sdar.training import ar_forward
+    from megatron_sdar.training.step import ar_forward
 
     if objective in SDAR_BACKENDS:
-        from megatron_sdar.model import masked_loss_index
+        from megatron_sdar.model.sdar import masked_loss_index
 
         # the training loop builds it on the host from the data loader's tensors
         loss_index = masked_loss_index(batch.masked) if args.output_positions == "masked" else None
@@ -213,7 +214,7 @@ def step_fn(args, objective: str, model, batch) -> Callable[[], None]:
             (loss_sum / count).backward()
 
     else:
-        from megatron_sdar.masks import build_block_mask
+        from megatron_sdar.attention.flex import build_block_mask
 
         block_mask = build_block_mask(batch.layout, "block_causal", compile=True)
         n = args.seq_length
@@ -248,7 +249,7 @@ def profile(step: Callable[[], None]) -> None:
 
 
 def step_flops(args, objective: str, batch) -> int:
-    from megatron_sdar.flops import ModelShape, ar_step_flops, sdar_step_flops
+    from megatron_sdar.training.flops import ModelShape, ar_step_flops, sdar_step_flops
 
     shape = ModelShape.from_config(transformer_config(args), args.vocab_size)
     b = batch.labels.shape[0]
@@ -262,7 +263,7 @@ def step_flops(args, objective: str, batch) -> int:
 
 
 def run_objective(args, objective: str) -> list[dict]:
-    from megatron_sdar.attention import MASK_CACHE
+    from megatron_sdar.attention.cache import MASK_CACHE
 
     torch.manual_seed(args.seed)
     model = build_model(args, objective)

@@ -188,7 +188,7 @@ def train_command(args, stage: str, arch_flags: list[str], tokenizer: str, data:
 
 def run(cmd: list[str], label: str) -> str:
     print(f"[{label}] {shlex.join(cmd)}", flush=True)
-    from megatron_sdar.parallel import free_port
+    from megatron_sdar.local_world import free_port
 
     # this process may hold MASTER_PORT (the converters' one-rank world): the run gets its own
     env = dict(

@@ -5,9 +5,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from megatron_sdar.attention import ATTENTION_BACKENDS
 from megatron_sdar.masks import BlockCounting, CleanAttention
 from megatron_sdar.noise import NoiseUnit
+
+ATTENTION_BACKENDS = ("auto", "flex", "split", "sdpa")
 
 
 class LossNormalizer(enum.StrEnum):

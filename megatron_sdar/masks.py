@@ -156,29 +156,3 @@ def dense_sdar_mask(layout: torch.Tensor, clean_attention: CleanAttention | str)
         clean_attention,
     )
     return mask.unsqueeze(1)
-
-
-def build_block_mask(
-    layout: torch.Tensor,
-    clean_attention: CleanAttention | str,
-    block: int = 128,
-    compile: bool = False,
-):
-    """A FlexAttention ``BlockMask`` for the layout, built from the mask function.
-
-    With ``compile=True`` (used on CUDA) the construction is compiled so the ``2L x 2L`` boolean
-    grid is never materialised; uncompiled construction evaluates the grid in pieces.
-    """
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    batch, _, seq_len = layout.shape
-    return create_block_mask(
-        sdar_mask_mod(layout, clean_attention),
-        B=batch,
-        H=None,
-        Q_LEN=2 * seq_len,
-        KV_LEN=2 * seq_len,
-        device=layout.device,
-        BLOCK_SIZE=block,
-        _compile=compile,
-    )

@@ -25,12 +25,13 @@ def main() -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_sdar.attention import MASK_CACHE
+    from megatron_sdar.attention.cache import MASK_CACHE
     from megatron_sdar.batch import build_sdar_batch
     from megatron_sdar.config import SDARConfig
     from megatron_sdar.loss import sdar_loss
     from megatron_sdar.masks import document_ids_from_eod
-    from megatron_sdar.model import build_sdar_model, masked_loss_index, qwen3_transformer_config
+    from megatron_sdar.model.base import qwen3_transformer_config
+    from megatron_sdar.model.sdar import build_sdar_model, masked_loss_index
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
@@ -97,8 +98,10 @@ def host_syncs(backend: str, vocab: int, seq: int) -> list[str]:
     from megatron_sdar.config import SDARConfig
     from megatron_sdar.loss import sdar_loss
     from megatron_sdar.masks import document_ids_from_lengths
-    from megatron_sdar.model import build_sdar_model, qwen3_transformer_config
-    from megatron_sdar.training import SDAR_KEYS, SDARSampleDataset, get_sdar_batch
+    from megatron_sdar.model.base import qwen3_transformer_config
+    from megatron_sdar.model.sdar import build_sdar_model
+    from megatron_sdar.training.datasets import SDARSampleDataset
+    from megatron_sdar.training.step import SDAR_KEYS, get_sdar_batch
 
     sdar = SDARConfig(block_size=4, mask_token_id=vocab - 1, attention_backend=backend)
     config = qwen3_transformer_config(
@@ -142,7 +145,8 @@ def host_syncs(backend: str, vocab: int, seq: int) -> list[str]:
 def pinned_loss_index() -> bool:
     """The training loop's masked-position index from a pinned data loader equals the mask's."""
     from megatron_sdar.config import SDARConfig
-    from megatron_sdar.training import SDARSampleDataset, get_sdar_batch
+    from megatron_sdar.training.datasets import SDARSampleDataset
+    from megatron_sdar.training.step import get_sdar_batch
 
     sample = {
         "tokens": torch.arange(64) + 2,

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from megatron_sdar.config import SDARConfig
-from megatron_sdar.model import SDARModel, build_sdar_model, qwen3_transformer_config
-from megatron_sdar.parallel import free_port
+from megatron_sdar.local_world import free_port
+from megatron_sdar.model.base import qwen3_transformer_config
+from megatron_sdar.model.sdar import SDARModel, build_sdar_model
 
 
 def init_megatron(

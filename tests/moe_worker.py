@@ -39,9 +39,11 @@ def main() -> None:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron_sdar.config import SDARConfig
-    from megatron_sdar.hf_checkpoint import Architecture, moe_config
+    from megatron_sdar.conversion.architecture import Architecture
+    from megatron_sdar.conversion.megatron import moe_config
     from megatron_sdar.masks import document_ids_from_lengths, make_layout
-    from megatron_sdar.model import build_sdar_model, qwen3_transformer_config
+    from megatron_sdar.model.base import qwen3_transformer_config
+    from megatron_sdar.model.sdar import build_sdar_model
     from megatron_sdar.positions import sdar_position_ids
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(a.port))

@@ -140,7 +140,7 @@ def run(args) -> int:
 
     from megatron_sdar.config import SDARConfig
     from megatron_sdar.loss import sdar_loss
-    from megatron_sdar.model import masked_loss_index
+    from megatron_sdar.model.sdar import masked_loss_index
     from tests.cpu_shims import install_cpu_schedule_shims
     from tests.helpers import init_megatron, tiny_model
 

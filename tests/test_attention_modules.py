@@ -7,9 +7,11 @@ import pytest
 import torch
 from megatron.core.transformer.enums import AttnMaskType
 
-from megatron_sdar.attention import CausalCoreAttention, SDARCoreAttention, default_kernel_options
-from megatron_sdar.model import ar_layer_spec, qwen3_transformer_config, sdar_layer_spec
-from megatron_sdar.norms import TorchNorm
+from megatron_sdar.attention.core import CausalCoreAttention, SDARCoreAttention
+from megatron_sdar.attention.flex import default_kernel_options
+from megatron_sdar.model.base import qwen3_transformer_config
+from megatron_sdar.model.norms import TorchNorm
+from megatron_sdar.model.specs import ar_layer_spec, sdar_layer_spec
 
 
 def config(**overrides):
@@ -71,7 +73,7 @@ def test_torch_norm_matches_torch_modules(normalization):
 
 
 def test_fused_norm_function_matches_eager():
-    from megatron_sdar.norms import _layer_norm, _rms_norm
+    from megatron_sdar.model.norms import _layer_norm, _rms_norm
 
     x, w, b = torch.randn(6, 16, dtype=torch.bfloat16), torch.rand(16) + 0.5, torch.randn(16)
     rms = torch.nn.functional.rms_norm(x.float(), (16,), w, 1e-6).to(torch.bfloat16)
@@ -148,7 +150,7 @@ def test_ar_model_equals_gpt_model_with_megatrons_rope(megatron_world, monkeypat
     # Megatron's RotaryEmbedding moves its frequencies to the current CUDA device: keep them here.
     monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
 
-    from megatron_sdar.model import ARModel
+    from megatron_sdar.model.ar import ARModel
     from tests.helpers import TINY
 
     cfg = qwen3_transformer_config(use_cpu_initialization=True, params_dtype=torch.float32, **TINY)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_sdar.config import SDARConfig
-from megatron_sdar.conversion import AttentionShape, hf_to_mcore_state_dict, mcore_to_hf_state_dict
+from megatron_sdar.conversion.mapping import AttentionShape, hf_to_mcore_state_dict, mcore_to_hf_state_dict
 from megatron_sdar.masks import document_ids_from_lengths, make_layout
 from megatron_sdar.positions import sdar_position_ids
 from tests.helpers import tiny_model

@@ -223,7 +223,7 @@ def test_training_refuses_a_checkpoint_of_another_architecture(hf_dir, tmp_path,
     from megatron.training.arguments import parse_args
 
     import pretrain_sdar
-    from megatron_sdar.hf_checkpoint import check_checkpoint_architecture
+    from megatron_sdar.conversion.megatron import check_checkpoint_architecture
 
     src, _, arch, tied = hf_dir
     ckpt = tmp_path / "ckpt"
@@ -244,7 +244,7 @@ def test_architecture_from_training_arguments():
     """A checkpoint written by training is described by the Megatron arguments it stores."""
     import types
 
-    from megatron_sdar.hf_checkpoint import architecture_from_megatron_args
+    from megatron_sdar.conversion.architecture import architecture_from_megatron_args
 
     args = types.SimpleNamespace(
         num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, group_query_attention=True,

@@ -5,20 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_sdar.flops import (
-    FORWARD_BACKWARD,
-    ModelShape,
-    ar_step_flops,
-    causal_attention_entries,
-    sdar_attention_entries,
-    sdar_step_flops,
-)
 from megatron_sdar.masks import (
     BlockCounting,
     CleanAttention,
     dense_sdar_mask,
     document_ids_from_lengths,
     make_layout,
+)
+from megatron_sdar.training.flops import (
+    FORWARD_BACKWARD,
+    ModelShape,
+    ar_step_flops,
+    causal_attention_entries,
+    sdar_attention_entries,
+    sdar_step_flops,
 )
 
 

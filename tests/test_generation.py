@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_sdar.config import SDARConfig
-from megatron_sdar.conversion import AttentionShape, hf_to_mcore_state_dict
+from megatron_sdar.conversion.mapping import AttentionShape, hf_to_mcore_state_dict
 from megatron_sdar.inference import (
     HFBackend,
     MegatronBackend,

@@ -18,8 +18,8 @@ HEADS, GROUPS, HEAD_DIM = 8, 4, 64
 def core_attention(clean: str, backend: str, mask_cache=None, layer_number: int = 1):
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_sdar.attention import SDARCoreAttention
-    from megatron_sdar.model import qwen3_transformer_config
+    from megatron_sdar.attention.core import SDARCoreAttention
+    from megatron_sdar.model.base import qwen3_transformer_config
 
     config = qwen3_transformer_config(
         num_layers=4, hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS, num_query_groups=GROUPS,
@@ -67,7 +67,7 @@ def forward_backward(module, layout, base, dtype=torch.bfloat16) -> list[torch.T
 @pytest.mark.parametrize("clean", ["block_causal", "causal"])
 def test_fast_backends_match_dense_sdpa(clean, counting, backend):
     """split-tiles: the split back end with its band as compiled torch tiles."""
-    from megatron_sdar.attention import SDARMaskCache
+    from megatron_sdar.attention.cache import SDARMaskCache
 
     layout = packed_layout(counting)
     base = qkv(2 * layout.shape[-1], layout.shape[0])
@@ -88,7 +88,7 @@ def test_fast_backends_match_dense_sdpa(clean, counting, backend):
 def test_one_mask_for_all_layers():
     """Layers fed the same layout tensor share one mask from the process-wide cache, forward and
     backward; a new layout, or the same one changed in place, gets a new mask."""
-    from megatron_sdar.attention import MASK_CACHE
+    from megatron_sdar.attention.cache import MASK_CACHE
 
     layout = packed_layout()
     q, k, v, _ = qkv(2 * layout.shape[-1], layout.shape[0])

@@ -41,11 +41,11 @@ def flags_for(model: str, stage: str, nodes: int, save: Path, init: str | None =
 def test_commands_parse_and_validate(model, stage, tmp_path, monkeypatch):
     from megatron.training.arguments import parse_args
 
-    import megatron_sdar.training as training
+    import megatron_sdar.training.arguments as arguments
     import pretrain_sdar
-    from megatron_sdar.training import validate_sdar_args
+    from megatron_sdar.training.arguments import validate_sdar_args
 
-    monkeypatch.setattr(training, "_importable", lambda module: True)  # the NGC image has TE and Apex
+    monkeypatch.setattr(arguments, "_importable", lambda module: True)  # the NGC image has TE and Apex
 
     nodes = min(launch.MODELS[model]["layouts"])
     flags = flags_for(model, stage, nodes, tmp_path / "run")

@@ -12,8 +12,8 @@ import random
 import pytest
 import torch
 
+from megatron_sdar.attention.flex import build_block_mask
 from megatron_sdar.masks import (
-    build_block_mask,
     dense_sdar_mask,
     document_ids_from_eod,
     document_ids_from_lengths,

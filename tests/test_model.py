@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_sdar.attention import MASK_CACHE
+from megatron_sdar.attention.cache import MASK_CACHE
 from megatron_sdar.config import SDARConfig
 from megatron_sdar.masks import document_ids_from_lengths, make_layout
 from megatron_sdar.positions import sdar_position_ids
@@ -173,7 +173,7 @@ def test_loss_on_masked_positions_only_equals_the_noised_half(megatron_world, ti
     every gradient of the SDAR loss equal the noised-half path's; unselected positions are zero."""
     from megatron_sdar.batch import build_sdar_batch
     from megatron_sdar.loss import sdar_loss
-    from megatron_sdar.model import masked_loss_index
+    from megatron_sdar.model.sdar import masked_loss_index
 
     sdar = SDARConfig(block_size=B, mask_token_id=VOCAB - 1)
     torch.manual_seed(0)
@@ -225,7 +225,7 @@ def test_wrong_inputs_fail_clearly(model):
 def test_mask_cache_hits_detached_aliases_and_rebuilds_after_changes():
     """Activation recompute replays a layer with a detached alias of the layout: it must reuse the
     mask; a copy with equal values is another micro-batch's layout and an in-place edit changes it."""
-    from megatron_sdar.attention import SDARMaskCache
+    from megatron_sdar.attention.cache import SDARMaskCache
     from megatron_sdar.masks import CleanAttention
 
     _, _, doc_ids, _ = setup()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_sdar.tokenizer import load_tokenizer
+from megatron_sdar.data.tokenizer import load_tokenizer
 from tools import preprocess_data
 
 

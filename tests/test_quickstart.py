@@ -19,8 +19,9 @@ def test_quickstart_dry_run_command_is_valid(tmp_path, monkeypatch, megatron_wor
     from megatron.training.arguments import parse_args, validate_args
 
     import pretrain_sdar
-    from megatron_sdar.model import SDARModel
-    from megatron_sdar.training import model_provider, validate_sdar_args
+    from megatron_sdar.model.sdar import SDARModel
+    from megatron_sdar.training.arguments import validate_sdar_args
+    from megatron_sdar.training.model_provider import model_provider
 
     result = quickstart.main(
         ["--dry-run", "--workdir", str(tmp_path), "--vocab-size", "600", "--steps", "20"]

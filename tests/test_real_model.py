@@ -26,8 +26,9 @@ def test_smollm2_logits_parity(tmp_path, megatron_world):
     import transformers
     from megatron.core import dist_checkpointing
 
-    from megatron_sdar.hf_checkpoint import read_architecture
-    from megatron_sdar.model import build_sdar_model, qwen3_transformer_config
+    from megatron_sdar.conversion.hf import read_architecture
+    from megatron_sdar.model.base import qwen3_transformer_config
+    from megatron_sdar.model.sdar import build_sdar_model
 
     hf_dir = tmp_path / "hf"
     gguf_to_hf.main(["--smollm2", "--out", str(hf_dir)])

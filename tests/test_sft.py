@@ -10,8 +10,7 @@ import torch
 
 from megatron_sdar.batch import build_sdar_batch
 from megatron_sdar.config import SDARConfig
-from megatron_sdar.data import SFTWindowDataset
-from megatron_sdar.sft import (
+from megatron_sdar.data.sft import (
     ExampleError,
     TokenizedExample,
     example_messages,
@@ -19,7 +18,8 @@ from megatron_sdar.sft import (
     pad_to_block,
     tokenize_chat,
 )
-from megatron_sdar.tokenizer import load_tokenizer
+from megatron_sdar.data.sft_windows import SFTWindowDataset
+from megatron_sdar.data.tokenizer import load_tokenizer
 from tools import preprocess_sft
 
 CHATML = (

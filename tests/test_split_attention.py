@@ -16,20 +16,21 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 
-from megatron_sdar.attention import SDARCoreAttention, SDARMaskCache
+from megatron_sdar.attention.cache import SDARMaskCache
+from megatron_sdar.attention.core import SDARCoreAttention
+from megatron_sdar.attention.split import (
+    _bottom_right_causal,
+    _segments,
+    band_mask_mod,
+    build_split_plan,
+    split_sdar_attention,
+)
 from megatron_sdar.masks import (
     BlockCounting,
     CleanAttention,
     dense_sdar_mask,
     document_ids_from_lengths,
     make_layout,
-)
-from megatron_sdar.split_attention import (
-    _bottom_right_causal,
-    _segments,
-    band_mask_mod,
-    build_split_plan,
-    split_sdar_attention,
 )
 
 CASES = {
@@ -186,7 +187,7 @@ def test_plan_from_the_host_copy_never_reads_the_layout(case):
 def test_host_copies_follow_the_layout_through_cache_and_model(monkeypatch, megatron_world):
     """The training loop records the loader's copy; the model passes it on to the layout it builds
     (with positions) and the split plan is built from it. An in-place change forgets it."""
-    import megatron_sdar.attention as attention
+    import megatron_sdar.attention.cache as attention
     from megatron_sdar.batch import build_sdar_batch
     from megatron_sdar.config import SDARConfig
     from tests.helpers import tiny_model
@@ -289,7 +290,7 @@ def test_model_loss_and_gradients_equal_with_split_and_sdpa(megatron_world):
 def test_compiled_merge_and_backward_pieces_equal_eager():
     """The elementwise merge and backward pieces, compiled as they are on CUDA, give the eager
     results (checked here with the CPU compiler)."""
-    from megatron_sdar.split_attention import _add_grads, _band_output_grads, _merge
+    from megatron_sdar.attention.split import _add_grads, _band_output_grads, _merge
 
     gen = torch.Generator().manual_seed(0)
     n, h, d = 24, 4, 8

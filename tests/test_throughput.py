@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_sdar.throughput import ThroughputMeter
+from megatron_sdar.training.throughput import ThroughputMeter
 
 
 def test_meter_times_consecutive_steps_and_restarts_on_mode_switch():

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from megatron_sdar.config import SDARConfig
-from megatron_sdar.training import EpochDataset, SDARSampleDataset, ar_forward, validate_sdar_args
+from megatron_sdar.training.arguments import validate_sdar_args
+from megatron_sdar.training.datasets import EpochDataset, SDARSampleDataset
+from megatron_sdar.training.step import ar_forward
 
 BASE_ARGS = [
     "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
@@ -134,7 +136,7 @@ def build_cpt(prefix: str, seq_length: int, num_samples: int):
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
-    from megatron_sdar.training import _sdar_gpt_dataset_classes
+    from megatron_sdar.training.datasets import _sdar_gpt_dataset_classes
 
     config = GPTDatasetConfig(
         random_seed=1, sequence_length=seq_length, blend=([prefix], None), split="100,0,0",
@@ -215,7 +217,7 @@ def test_ar_baseline_loss_mask_stays_inside_documents():
 
 
 def test_sdar_batch_broadcast_shapes_single_rank(megatron_world):
-    from megatron_sdar.training import get_sdar_batch
+    from megatron_sdar.training.step import get_sdar_batch
 
     sdar = SDARConfig(block_size=4, mask_token_id=99)
     base = [
@@ -239,7 +241,7 @@ def test_sdar_batch_broadcast_shapes_single_rank(megatron_world):
 
 
 def test_output_positions_flag(monkeypatch):
-    from megatron_sdar.training import output_on_masked
+    from megatron_sdar.training.arguments import output_on_masked
 
     assert output_on_masked(parse([], monkeypatch))  # the default: masked positions only
     assert output_on_masked(parse(["--tensor-model-parallel-size", "2"], monkeypatch))
@@ -251,8 +253,8 @@ def test_output_positions_flag(monkeypatch):
 def test_repeated_layouts_reuse_the_device_tensors_and_their_masks(megatron_world):
     """Micro-batches with the same packing get the same layout and position tensors back, so the
     model's masks are built once; a different packing gets new ones."""
-    from megatron_sdar.attention import MASK_CACHE
-    from megatron_sdar.training import get_sdar_batch
+    from megatron_sdar.attention.cache import MASK_CACHE
+    from megatron_sdar.training.step import get_sdar_batch
     from tests.helpers import tiny_model
 
     sdar = SDARConfig(block_size=4, mask_token_id=99)
@@ -280,7 +282,7 @@ def test_repeated_layouts_reuse_the_device_tensors_and_their_masks(megatron_worl
 
 
 def test_agreement_check_runs_once_per_live_iterator():
-    from megatron_sdar.training import _first_batch_of
+    from megatron_sdar.training.step import _first_batch_of
 
     class Batches:
         def __next__(self):
@@ -296,7 +298,7 @@ def test_agreement_check_runs_once_per_live_iterator():
 
 
 def test_sdar_batch_with_wrong_sizes_fails_clearly(megatron_world):
-    from megatron_sdar.training import get_sdar_batch
+    from megatron_sdar.training.step import get_sdar_batch
 
     sdar = SDARConfig(block_size=4, mask_token_id=99)
     sample = {"tokens": torch.arange(16) + 2, "doc_ids": torch.zeros(16, dtype=torch.long),
@@ -340,9 +342,9 @@ def test_dataset_provider_cpt_and_sft(cpt_prefix, tmp_path, monkeypatch, megatro
     from megatron.training.arguments import parse_args
 
     import pretrain_sdar
-    from megatron_sdar.data import encode_segments
-    from megatron_sdar.preprocessing import IndexedOutputs
-    from megatron_sdar.training import train_valid_test_datasets_provider
+    from megatron_sdar.data.preprocessing import IndexedOutputs
+    from megatron_sdar.data.sft_windows import encode_segments
+    from megatron_sdar.training.datasets import train_valid_test_datasets_provider
 
     monkeypatch.setattr(global_vars, "_GLOBAL_TOKENIZER", _Tok(eod=1, vocab=100))
     seq = [*BASE_ARGS, "--seq-length", "32"]  # the later flag wins
@@ -381,7 +383,7 @@ def test_dataset_provider_cpt_and_sft(cpt_prefix, tmp_path, monkeypatch, megatro
 
 
 def test_flex_kernel_options_flag(monkeypatch):
-    from megatron_sdar.training import sdar_config_from_args
+    from megatron_sdar.training.arguments import sdar_config_from_args
 
     args = parse(["--sdar-flex-kernel-options", '{"bwd_num_warps": 8}'], monkeypatch)
     assert sdar_config_from_args(args).flex_kernel_options == {"bwd_num_warps": 8}

@@ -31,7 +31,7 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "tokenizer.model", "added_tokens.json", "chat_template.jinja", "generation_config.json",
 )  # fmt: skip
-from megatron_sdar.hf_checkpoint import DTYPES  # noqa: E402
+from megatron_sdar.conversion.hf import DTYPES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,15 +121,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     import torch
 
-    from megatron_sdar.checkpointing import checkpoint_layout, save_torch_dist
-    from megatron_sdar.conversion import AttentionShape, mcore_names_for_hf, mcore_param_from_hf
-    from megatron_sdar.hf_checkpoint import (
-        ARCHITECTURE_FILE,
-        SafetensorsReader,
-        meta_model,
-        padded_vocab,
-        read_architecture,
-    )
+    from megatron_sdar.conversion.architecture import padded_vocab
+    from megatron_sdar.conversion.hf import SafetensorsReader, read_architecture
+    from megatron_sdar.conversion.mapping import AttentionShape, mcore_names_for_hf, mcore_param_from_hf
+    from megatron_sdar.conversion.megatron import ARCHITECTURE_FILE, meta_model
+    from megatron_sdar.conversion.torch_dist import checkpoint_layout, save_torch_dist
 
     try:
         arch = read_architecture(

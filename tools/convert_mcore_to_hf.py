@@ -25,7 +25,7 @@ import warnings
 warnings.filterwarnings("ignore", category=UserWarning)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sdar.hf_checkpoint import DTYPES  # noqa: E402
+from megatron_sdar.conversion.hf import DTYPES  # noqa: E402
 
 HF_CLASSES = {
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
@@ -109,9 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from megatron_sdar.checkpointing import checkpoint_layout, read_parameter
-    from megatron_sdar.conversion import AttentionShape, hf_params_from_mcore
-    from megatron_sdar.hf_checkpoint import checkpoint_architecture, meta_model, resolve_checkpoint
+    from megatron_sdar.conversion.mapping import AttentionShape, hf_params_from_mcore
+    from megatron_sdar.conversion.megatron import checkpoint_architecture, meta_model, resolve_checkpoint
+    from megatron_sdar.conversion.torch_dist import checkpoint_layout, read_parameter
 
     try:
         ckpt = resolve_checkpoint(args.load, args.iteration)

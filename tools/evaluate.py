@@ -24,7 +24,7 @@ import warnings
 warnings.filterwarnings("ignore", category=UserWarning)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_sdar.hf_checkpoint import DTYPES  # noqa: E402
+from megatron_sdar.conversion.hf import DTYPES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -98,7 +98,7 @@ def _json_record(path: str, lineno: int, line: str, keys: list[str]) -> Record:
 
 def _init_worker(tokenizer_path: str, eod_token: str | None) -> None:
     global _TOKENIZER
-    from megatron_sdar.tokenizer import load_tokenizer
+    from megatron_sdar.data.tokenizer import load_tokenizer
 
     _TOKENIZER = load_tokenizer(tokenizer_path, eod_token)
 
@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     from megatron.core.datasets.indexed_dataset import DType
 
-    from megatron_sdar.preprocessing import DroppedLines, IndexedOutputs
-    from megatron_sdar.tokenizer import load_tokenizer
+    from megatron_sdar.data.preprocessing import DroppedLines, IndexedOutputs
+    from megatron_sdar.data.tokenizer import load_tokenizer
 
     for path in args.input:
         if not os.path.isfile(path):

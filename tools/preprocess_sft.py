@@ -49,9 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     from megatron.core.datasets.indexed_dataset import DType
 
-    from megatron_sdar.data import encode_segments
-    from megatron_sdar.preprocessing import DroppedLines, IndexedOutputs
-    from megatron_sdar.sft import (
+    from megatron_sdar.data.preprocessing import DroppedLines, IndexedOutputs
+    from megatron_sdar.data.sft import (
         ExampleError,
         TokenizedExample,
         example_messages,
@@ -60,7 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
         parse_json_line,
         tokenize_chat,
     )
-    from megatron_sdar.tokenizer import load_tokenizer
+    from megatron_sdar.data.sft_windows import encode_segments
+    from megatron_sdar.data.tokenizer import load_tokenizer
 
     if args.block_size < 1 or args.seq_length % args.block_size != 0:
         raise SystemExit(

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from megatron_sdar.hf_checkpoint import Architecture, checkpoint_architecture, resolve_checkpoint
+from megatron_sdar.conversion.architecture import Architecture
+from megatron_sdar.conversion.megatron import checkpoint_architecture, resolve_checkpoint
 
 
 def add_model_source_args(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +30,7 @@ def _init_world() -> int:
     """Join the launcher's world (torchrun) or make a one-process one; tensor parallel = world size."""
     from megatron.core import parallel_state
 
-    from megatron_sdar.parallel import ensure_single_process_world
+    from megatron_sdar.local_world import ensure_single_process_world
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -53,8 +54,9 @@ def load_megatron_model(
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron_sdar.config import SDARConfig
-    from megatron_sdar.hf_checkpoint import moe_config
-    from megatron_sdar.model import build_sdar_model, qwen3_transformer_config
+    from megatron_sdar.conversion.megatron import moe_config
+    from megatron_sdar.model.base import qwen3_transformer_config
+    from megatron_sdar.model.sdar import build_sdar_model
 
     path = resolve_checkpoint(load, iteration)
     arch, saved = checkpoint_architecture(load, path)

@@ -7,192 +7,24 @@ Composition, not patching:
 * :class:`SDARModel` subclasses ``GPTModel`` to compute RoPE from explicit position ids (the noised
   copy gets the clean copy's positions) and to run the output layer and the vocab-parallel
   cross-entropy on the noised half only, or only on its masked positions (``loss_index``), which is
-  all the loss needs.
-"""
+  all the loss needs."""
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-from functools import partial
 from typing import Any
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
-from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_sdar.attention import CausalCoreAttention, SDARCoreAttention
+from megatron_sdar.attention.core import SDARCoreAttention
 from megatron_sdar.config import SDARConfig
-from megatron_sdar.positions import PositionRotaryEmbedding
-
-
-def with_sdar_core_attention(spec: Any, sdar: SDARConfig) -> Any:
-    """A copy of a layer or decoder-block spec whose self-attention uses SDAR core attention."""
-    builder = partial(
-        SDARCoreAttention, clean_attention=sdar.clean_attention, backend=sdar.attention_backend,
-        kernel_options=sdar.flex_kernel_options,
-    )  # fmt: skip
-    return with_core_attention(spec, builder)
-
-
-def with_core_attention(spec: Any, builder: Any) -> Any:
-    """A copy of a layer or decoder-block spec whose self-attention core is ``builder``."""
-    spec = copy.deepcopy(spec)
-
-    def patch_layer(layer_spec: ModuleSpec) -> None:
-        attn = getattr(layer_spec.submodules, "self_attention", None)
-        subs = getattr(attn, "submodules", None)
-        if subs is None or not hasattr(subs, "core_attention"):
-            raise ValueError(f"layer spec {layer_spec.module} has no self-attention core to replace")
-        subs.core_attention = builder
-
-    if isinstance(spec, TransformerBlockSubmodules):
-        for layer_spec in spec.layer_specs:
-            patch_layer(layer_spec)
-    elif isinstance(spec, ModuleSpec) and isinstance(spec.submodules, TransformerBlockSubmodules):
-        for layer_spec in spec.submodules.layer_specs:
-            patch_layer(layer_spec)
-    else:
-        patch_layer(spec)
-    return spec
-
-
-def sdar_layer_spec(
-    config: TransformerConfig,
-    sdar: SDARConfig,
-    use_transformer_engine: bool = False,
-    vp_stage: int | None = None,
-) -> Any:
-    """Megatron's GPT layer spec for ``config`` (dense; MoE through the decoder-block spec) with SDAR
-    core attention. On the local spec without Apex the norms are :class:`~megatron_sdar.norms.TorchNorm`
-    (compiled on CUDA; Megatron's torch norm is eager and refuses sequence parallelism)."""
-    return _layer_spec(
-        config, use_transformer_engine, vp_stage, lambda base: with_sdar_core_attention(base, sdar)
-    )
-
-
-def ar_layer_spec(
-    config: TransformerConfig, use_transformer_engine: bool = False, vp_stage: int | None = None
-) -> Any:
-    """The same architecture for the causal-LM objective (the AR baseline, ``--sdar-objective ar``).
-
-    Transformer Engine's spec keeps its fused attention; the local spec gets
-    :class:`~megatron_sdar.attention.CausalCoreAttention` (flash SDPA) instead of Megatron's
-    score-materialising ``DotProductAttention``, so both objectives run comparable kernels.
-    """
-    attend = (
-        (lambda base: base)
-        if use_transformer_engine
-        else partial(with_core_attention, builder=CausalCoreAttention)
-    )
-    return _layer_spec(config, use_transformer_engine, vp_stage, attend)
-
-
-def _layer_spec(
-    config: TransformerConfig, use_transformer_engine: bool, vp_stage: int | None, attend: Any
-) -> Any:
-    if config.num_moe_experts:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-
-        base = get_gpt_decoder_block_spec(
-            config, use_transformer_engine=use_transformer_engine, normalization=config.normalization,
-            vp_stage=vp_stage,
-        )  # fmt: skip
-    elif use_transformer_engine:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
-        base = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
-    else:
-        base = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
-    spec = attend(base)
-    if not use_transformer_engine and not _have_apex():
-        spec = _with_torch_norms(config, spec, vp_stage)
-    return spec
-
-
-def _have_apex() -> bool:
-    try:
-        import apex  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _with_torch_norms(config: TransformerConfig, spec: Any, vp_stage: int | None) -> Any:
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
-
-    from megatron_sdar.norms import TorchNorm as Norm
-
-    if isinstance(spec, ModuleSpec) and isinstance(spec.submodules, TransformerBlockSubmodules):
-        spec = spec.submodules
-    if isinstance(spec, TransformerBlockSubmodules):
-        layers = spec.layer_specs
-    else:
-        layers = [spec] * get_num_layers_to_build(config, vp_stage)
-    patched = []
-    for layer in layers:
-        layer = copy.deepcopy(layer)
-        subs = layer.submodules
-        for name in ("input_layernorm", "pre_mlp_layernorm"):
-            if getattr(subs, name, None) not in (None, IdentityOp):
-                setattr(subs, name, Norm)
-        attn = getattr(subs.self_attention, "submodules", None)
-        for name in ("q_layernorm", "k_layernorm"):
-            if getattr(attn, name, None) not in (None, IdentityOp):
-                setattr(attn, name, Norm)
-        patched.append(layer)
-    return TransformerBlockSubmodules(layer_specs=patched, layer_norm=Norm)
-
-
-class RoPEInCoreModel(GPTModel):
-    """``GPTModel`` whose core attentions apply RoPE themselves, from positions the model hands them
-    through ``attention_mask`` (one compiled kernel each way on CUDA, tables built once per
-    micro-batch); Megatron's attention gets no rotary embedding, which it fuses only with TE.
-
-    Subclasses name the core attention type that accepts the positions (``use_rotary``);
-    ``_rope_in_core`` records whether this stage holds any such layer.
-    """
-
-    core_attention_type: type
-    description: str
-
-    def __init__(
-        self,
-        config: TransformerConfig,
-        transformer_layer_spec: Any,
-        vocab_size: int,
-        max_sequence_length: int,
-        rotary_base: float = 10000.0,
-        rotary_percent: float = 1.0,
-        **kwargs: Any,
-    ) -> None:
-        if kwargs.pop("position_embedding_type", "rope") != "rope":
-            raise ValueError(f"{self.description} uses rotary position embeddings only")
-        # The parent builds no rotary module: positions come from explicit ids (PositionRotaryEmbedding).
-        super().__init__(
-            config=config,
-            transformer_layer_spec=transformer_layer_spec,
-            vocab_size=vocab_size,
-            max_sequence_length=max_sequence_length,
-            position_embedding_type="none",
-            **kwargs,
-        )
-        self.sdar_rotary = PositionRotaryEmbedding(config.kv_channels, rotary_base, rotary_percent)
-        self.rotary_base = rotary_base
-        cores = [m for m in self.modules() if isinstance(m, self.core_attention_type)]
-        for core in cores:
-            core.use_rotary(self.sdar_rotary)
-        self._rope_in_core = bool(cores)
-        self._mask_caches = list({id(core.mask_cache): core.mask_cache for core in cores}.values())
+from megatron_sdar.model.base import RoPEInCoreModel
+from megatron_sdar.model.specs import sdar_layer_spec
 
 
 class SDARModel(RoPEInCoreModel):
@@ -380,66 +212,6 @@ def vocab_parallel_correct(logits: torch.Tensor, labels: torch.Tensor, tp_group:
         torch.distributed.all_reduce(target, group=tp_group)
         torch.distributed.all_reduce(best, op=torch.distributed.ReduceOp.MAX, group=tp_group)
     return (target >= best).transpose(0, 1)
-
-
-def qwen3_transformer_config(**overrides: Any) -> TransformerConfig:
-    """A ``TransformerConfig`` with Qwen3's architecture choices (GQA sizes come from overrides)."""
-    base: dict[str, Any] = dict(
-        normalization="RMSNorm",
-        layernorm_epsilon=1e-6,
-        qk_layernorm=True,
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-    )
-    base.update(overrides)
-    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
-    unknown = set(base) - fields
-    if unknown:
-        raise ValueError(f"not TransformerConfig fields: {sorted(unknown)}")
-    return TransformerConfig(**base)
-
-
-class ARModel(RoPEInCoreModel):
-    """The causal-LM baseline (``--sdar-objective ar``) with RoPE applied in its core attention.
-
-    Same parameters, state-dict keys and loss as ``GPTModel``: the only change is where RoPE runs.
-    Its :class:`~megatron_sdar.attention.CausalCoreAttention` layers receive the position ids
-    ``[b, 1, s]`` as ``attention_mask`` and rotate query and key with one compiled kernel, as the SDAR
-    model does, so the two objectives are compared with the same kernels. For the local layer spec
-    (:func:`ar_layer_spec` without Transformer Engine; with TE, use ``GPTModel``, TE fuses RoPE).
-    """
-
-    core_attention_type = CausalCoreAttention
-    description = "the AR baseline"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if not self._rope_in_core and len(self.decoder.layers) > 0:  # a stage may hold no layers
-            raise ValueError(
-                "ARModel applies RoPE in CausalCoreAttention (the local spec from ar_layer_spec); "
-                "with Transformer Engine build a GPTModel"
-            )
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        if attention_mask is not None:
-            raise ValueError("the AR baseline is causal over the window: pass attention_mask=None")
-        positions = position_ids.to(torch.int32).unsqueeze(1)  # [b, 1, s]: read by the core attention
-        return super().forward(input_ids, position_ids, positions, **kwargs)
 
 
 def build_sdar_model(

@@ -13,14 +13,11 @@ Back ends, one meaning:
   log-sum-exp (:mod:`megatron_sdar.split_attention`; CUDA with fp16/bf16, or a slow CPU reference);
 * ``sdpa``: ``scaled_dot_product_attention`` with a dense boolean mask (CPU, tests, reference).
 
-GQA is passed through to both kernels (``enable_gqa``) instead of repeating K/V.
-"""
+GQA is passed through to both kernels (``enable_gqa``) instead of repeating K/V."""
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,149 +26,12 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_sdar.masks import LAYOUT_POSITION, CleanAttention, build_block_mask, dense_sdar_mask
+from megatron_sdar.attention.cache import MASK_CACHE, SDARMaskCache
+from megatron_sdar.attention.flex import compiled_flex_attention, default_kernel_options
+from megatron_sdar.attention.split import split_sdar_attention
+from megatron_sdar.config import ATTENTION_BACKENDS
+from megatron_sdar.masks import LAYOUT_POSITION, CleanAttention
 from megatron_sdar.positions import PositionRotaryEmbedding, apply_rope
-from megatron_sdar.split_attention import build_split_plan, split_sdar_attention
-
-ATTENTION_BACKENDS = ("auto", "flex", "split", "sdpa")
-
-
-class SDARMaskCache:
-    """Masks derived from layout tensors, keyed on the layout's memory and version.
-
-    Every layer receives the same layout tensor for a micro-batch, and an activation-recompute
-    replay receives a detached alias of it (same storage, same version counter), so a key made of
-    storage address, offset, shape, strides and version finds the mask the first layer built in
-    both cases. An in-place change bumps the version and forces a rebuild. Entries hold a reference
-    to their layout, so a cached storage address cannot be reused by another tensor. Entries are
-    kept for the micro-batches a pipeline schedule has in flight (each takes about two: its mask or
-    split plan and its RoPE tables, and as many host copies), so a recompute replay in backward still
-    finds them; masks and plans are small next to the activations they serve.
-    """
-
-    def __init__(self, max_entries: int = 32, split_band: str = "auto") -> None:
-        self.max_entries = max_entries
-        self.split_band = split_band  # the split back end's band kernel (build_split_plan's ``band``)
-        self._host: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._entries: OrderedDict[tuple, tuple[torch.Tensor, Any]] = OrderedDict()
-        self.builds = 0  # number of masks built (RoPE tables not counted); tests use it to check sharing
-
-    @staticmethod
-    def _key(layout: torch.Tensor, *what: Any) -> tuple:
-        return (
-            layout.device,
-            layout.untyped_storage().data_ptr(),
-            layout.storage_offset(),
-            tuple(layout.shape),
-            layout.stride(),
-            layout.dtype,
-            layout._version,
-            *what,
-        )
-
-    def _lookup(self, key: tuple, layout: torch.Tensor, build: Callable[[], Any]) -> tuple[Any, bool]:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            return entry[1], False
-        with torch.no_grad():
-            value = build()
-        self._entries[key] = (layout, value)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-        return value, True
-
-    def get(self, layout: torch.Tensor, clean_attention: CleanAttention, backend: str) -> Any:
-        def build() -> Any:
-            if backend == "flex":
-                return build_block_mask(layout, clean_attention, compile=layout.is_cuda)
-            if backend == "split":
-                return build_split_plan(layout, clean_attention, self.split_band, self.host_copy(layout))
-            return dense_sdar_mask(layout, clean_attention)
-
-        mask, built = self._lookup(self._key(layout, clean_attention, backend), layout, build)
-        self.builds += built
-        return mask
-
-    def rope_tables(
-        self,
-        layout: torch.Tensor,
-        rotary: PositionRotaryEmbedding,
-        dtype: torch.dtype,
-        position_ids: Callable[[], torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE cos/sin tables for the ``[b, s]`` ``position_ids()`` the layout carries, shared like
-        the masks (one build per micro-batch for all layers)."""
-        key = self._key(layout, "rope", rotary.dim, rotary.rotary_base, dtype)
-        return self._lookup(key, layout, lambda: rotary.tables(position_ids(), dtype))[0]
-
-    def set_host_copy(self, layout: torch.Tensor, host: torch.Tensor) -> None:
-        """Record that ``host`` (a CPU tensor) holds ``layout``'s document and block rows, so what
-        needs them on the host (the split plan) reads no device memory. The training loop has the
-        data loader's copy; a later in-place change of ``layout`` invalidates the record."""
-        if (
-            host.device.type != "cpu"
-            or host.shape[0] != layout.shape[0]
-            or host.shape[-1] != layout.shape[-1]
-        ):
-            raise ValueError(
-                f"host copy {list(host.shape)} on {host.device} does not match the layout "
-                f"{list(layout.shape)}"
-            )
-        key = self._key(layout)
-        self._host[key] = (layout, host)
-        self._host.move_to_end(key)
-        while len(self._host) > self.max_entries:
-            self._host.popitem(last=False)
-
-    def host_copy(self, layout: torch.Tensor) -> torch.Tensor | None:
-        """The host copy recorded for ``layout`` (same tensor memory and version), if any."""
-        key = self._key(layout)
-        entry = self._host.get(key)
-        if entry is None:
-            return None
-        self._host.move_to_end(key)
-        return entry[1]
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._host.clear()
-
-
-MASK_CACHE = SDARMaskCache()
-
-_compiled_flex = None
-
-
-def _flex_attention():
-    """The compiled FlexAttention kernel (compiled once per process)."""
-    global _compiled_flex
-    if _compiled_flex is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex
-
-
-# FlexAttention backward tiles for Hopper at head dim 128, chosen by ``benchmarks/attention.py --sweep``
-# on an H100 (L=4096, B=4, 16/8 heads, bf16): forward+backward 2.25 ms with the defaults, 2.00 ms with
-# these. Other GPUs and head sizes keep FlexAttention's own defaults.
-SM90_HEAD_DIM_128_OPTIONS = {
-    "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 64,
-    "bwd_num_warps": 8, "bwd_num_stages": 2,
-}  # fmt: skip
-
-
-def default_kernel_options(query: torch.Tensor) -> dict | None:
-    """The measured kernel options for this GPU and head size, or ``None`` (FlexAttention's own)."""
-    if (
-        query.is_cuda
-        and query.shape[-1] == 128
-        and query.dtype in (torch.bfloat16, torch.float16)
-        and torch.cuda.get_device_capability(query.device) == (9, 0)
-    ):
-        return dict(SM90_HEAD_DIM_128_OPTIONS)
-    return None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -296,7 +156,7 @@ class SDARCoreAttention(MegatronModule):
         gqa = q.shape[1] != k.shape[1]
         if backend == "flex":
             options = self.kernel_options if self.kernel_options is not None else default_kernel_options(q)
-            out = _flex_attention()(
+            out = compiled_flex_attention()(
                 q, k, v, block_mask=mask, scale=self.softmax_scale, enable_gqa=gqa,
                 kernel_options=options or None,
             )  # fmt: skip

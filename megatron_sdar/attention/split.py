@@ -363,11 +363,11 @@ def _band_flex(q, k, v, plan: SplitPlan, scale: float) -> tuple[torch.Tensor, to
     """The band through FlexAttention (CUDA): only the few tiles near the diagonals are visited."""
     from torch.nn.attention.flex_attention import AuxRequest
 
-    from megatron_sdar.attention import _flex_attention
+    from megatron_sdar.attention.flex import compiled_flex_attention
 
     b, two_l = plan.batch, 2 * plan.seq_len
     qb, kb, vb = (x.view(b, two_l, x.shape[1], x.shape[2]).transpose(1, 2) for x in (q, k, v))
-    out, aux = _flex_attention()(
+    out, aux = compiled_flex_attention()(
         qb, kb, vb, block_mask=plan.band_block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
         return_aux=AuxRequest(lse=True),
     )  # fmt: skip

@@ -1,0 +1,133 @@
+"""Reading HF checkpoints (config, sharded safetensors) lazily; refusing architectures not implemented."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from megatron_sdar.conversion.architecture import Architecture, padded_vocab
+
+# The tools' --dtype names -> torch dtype attribute names (and HF config ``torch_dtype`` values).
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+SUPPORTED = {
+    "LlamaForCausalLM": "llama",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "SDARForCausalLM": "qwen3",
+    "SDARMoeForCausalLM": "qwen3_moe",
+}
+
+
+def read_architecture(
+    hf_dir: str, make_vocab_size_divisible_by: int = 128, tensor_parallel: int = 1
+) -> Architecture:
+    """Parse ``config.json``; refuse features the converter does not implement, saying which."""
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: --hf-dir must be a HF model folder")
+    with open(path) as f:
+        cfg = json.load(f)
+    archs = cfg.get("architectures") or []
+    arch = next((a for a in archs if a in SUPPORTED), None)
+    if arch is None:
+        raise ValueError(f"unsupported architecture {archs}; supported: {sorted(SUPPORTED)}")
+    problems = []
+    scaling = cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {})
+    if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
+        problems.append(f"rope scaling {scaling} is not implemented")
+    if cfg.get("use_sliding_window"):
+        problems.append("sliding-window attention is not implemented")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        problems.append("attention/MLP biases are not implemented")
+    if cfg.get("hidden_act", "silu") != "silu":
+        problems.append(f"activation {cfg.get('hidden_act')} is not implemented (SwiGLU/silu only)")
+    moe = SUPPORTED[arch] == "qwen3_moe"
+    if moe:
+        if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+            problems.append("dense layers between MoE layers (mlp_only_layers / decoder_sparse_step) are not "
+                            "implemented")  # fmt: skip
+        if cfg.get("shared_expert_intermediate_size"):
+            problems.append("shared experts are not implemented")
+        if "num_experts" not in cfg and "num_local_experts" in cfg:  # transformers 5 writes this name
+            cfg["num_experts"] = cfg["num_local_experts"]
+        missing = [
+            k for k in ("num_experts", "moe_intermediate_size", "num_experts_per_tok") if not cfg.get(k)
+        ]
+        if missing:
+            problems.append(f"the MoE config lacks {', '.join(missing)}")
+    if problems:
+        raise ValueError(f"{hf_dir}: " + "; ".join(problems))
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads", heads)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    return Architecture(
+        family=SUPPORTED[arch],
+        num_layers=cfg["num_hidden_layers"],
+        hidden_size=cfg["hidden_size"],
+        ffn_hidden_size=cfg["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=kv,
+        kv_channels=head_dim,
+        vocab_size=cfg["vocab_size"],
+        padded_vocab_size=padded_vocab(cfg["vocab_size"], make_vocab_size_divisible_by, tensor_parallel),
+        rotary_base=float(theta),
+        norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
+        qk_layernorm=SUPPORTED[arch] in ("qwen3", "qwen3_moe"),
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        mask_token_id=cfg.get("mask_token_id"),
+        block_size=cfg.get("block_size"),
+        num_experts=int(cfg["num_experts"]) if moe else 0,
+        moe_ffn_hidden_size=int(cfg["moe_intermediate_size"]) if moe else 0,
+        moe_router_topk=int(cfg["num_experts_per_tok"]) if moe else 0,
+        moe_norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+        moe_aux_loss_coeff=float(cfg.get("router_aux_loss_coef", 0.001)) if moe else 0.0,
+    )
+
+
+class SafetensorsReader:
+    """Tensors of a single-file or sharded (with index) safetensors checkpoint, opened lazily."""
+
+    def __init__(self, hf_dir: str) -> None:
+        from safetensors import safe_open
+
+        index = os.path.join(hf_dir, "model.safetensors.index.json")
+        single = os.path.join(hf_dir, "model.safetensors")
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        elif os.path.isfile(single):
+            with safe_open(single, "pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise FileNotFoundError(
+                f"{hf_dir} has neither model.safetensors nor model.safetensors.index.json"
+            )
+        missing = sorted({s for s in weight_map.values() if not os.path.isfile(os.path.join(hf_dir, s))})
+        if missing:
+            raise FileNotFoundError(f"{hf_dir}: shard files listed in the index are missing: {missing}")
+        self.hf_dir = hf_dir
+        self.weight_map = weight_map
+        self._open: dict[str, Any] = {}
+        self._safe_open = safe_open
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __call__(self, name: str):
+        if name not in self.weight_map:
+            raise KeyError(f"{name} is not in the HF checkpoint at {self.hf_dir}")
+        shard = self.weight_map[name]
+        if shard not in self._open:
+            try:
+                self._open[shard] = self._safe_open(os.path.join(self.hf_dir, shard), "pt")
+            except Exception as err:  # truncated or corrupt shard
+                raise ValueError(f"cannot read {shard} in {self.hf_dir}: {err}") from err
+        try:
+            return self._open[shard].get_tensor(name)
+        except Exception as err:
+            raise ValueError(f"cannot read {name} from {shard}: {err}") from err
