@@ -10,39 +10,17 @@ Megatron's own flags keep their meaning (parallelism, optimizer, checkpoints, lo
 
 from __future__ import annotations
 
-import warnings
+from megatron_sdar import compat
 
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
-
-
-def _use_shipped_dataset_helpers() -> None:
-    """megatron-core's wheel ships the compiled dataset helpers but not their sources; Megatron's
-    initialisation would try to rebuild them with ``make`` and exit. Check they import instead."""
-    import megatron.core.datasets.utils as dataset_utils
-
-    def check_helpers() -> None:
-        try:
-            from megatron.core.datasets import helpers_cpp  # noqa: F401
-        except ImportError as err:
-            raise RuntimeError(
-                "megatron-core's compiled dataset helpers (helpers_cpp) are missing; reinstall "
-                "megatron-core==0.19.2 from its binary wheel"
-            ) from err
-
-    dataset_utils.compile_helpers = check_helpers
+compat.ignore_known_warnings()  # the megatron-core / torch notices named there, nothing else
 
 
 def _extra_args(parser):
     """Add the ``--sdar-*`` group; also escape stray ``%`` in Megatron's own help texts, which
-    otherwise make ``--help`` crash in megatron-core 0.19.2."""
+    otherwise make ``--help`` crash in megatron-core 0.19.2 (:func:`compat.escape_percent_in_help`)."""
     from megatron_sdar.training.arguments import add_sdar_args
 
-    for action in parser._actions:
-        if action.help:
-            try:
-                action.help % {}
-            except (TypeError, ValueError, KeyError):
-                action.help = action.help.replace("%", "%%")
+    compat.escape_percent_in_help(parser)
     return add_sdar_args(parser)
 
 
@@ -56,9 +34,9 @@ def main() -> None:
     from megatron_sdar.training.arguments import validate_sdar_args
     from megatron_sdar.training.datasets import train_valid_test_datasets_provider
     from megatron_sdar.training.model_provider import model_provider
-    from megatron_sdar.training.step import forward_step
+    from megatron_sdar.training.step import SDARForwardStep
 
-    _use_shipped_dataset_helpers()
+    compat.use_shipped_dataset_helpers()  # the wheel ships them compiled, not their sources
     args = parse_and_validate_args(extra_args_provider=_extra_args)
     tokenizer = get_tokenizer()
     special = {"end-of-document": tokenizer.eod}
@@ -72,7 +50,7 @@ def main() -> None:
         pretrain_cfg_container_from_args(args, None),
         train_valid_test_datasets_provider,
         ModelType.encoder_or_decoder,
-        forward_step,
+        SDARForwardStep(),
         model_provider=model_provider,
     )
 

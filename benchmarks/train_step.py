@@ -7,8 +7,9 @@ objective and times forward+backward steps:
 * ``sdar``: ``SDARModel`` over ``[x_t ; x_0]`` (2L tokens) under the SDAR mask (FlexAttention), the
   output layer and cross-entropy on the masked tokens of the noised half only (``--output-positions
   noised``: the whole noised half) (Megatron-Core, this library);
-* ``sdar-split``: the same with the ``split`` attention back end (variable-length flash attention
-  plus a FlexAttention band, :mod:`megatron_sdar.split_attention`);
+* ``sdar-split`` (opt-in, not run by default: never measured on a GPU yet): the same with the
+  ``split`` attention back end (variable-length flash attention plus a FlexAttention band,
+  :mod:`megatron_sdar.attention.split`);
 * ``ar``: Megatron-Core's ``GPTModel`` (as :class:`megatron_sdar.model.ARModel`, RoPE in the core
   attention like the SDAR model) with the causal-LM loss over L tokens (flash SDPA attention,
   :func:`megatron_sdar.model.ar_layer_spec`);
@@ -17,7 +18,7 @@ objective and times forward+backward steps:
 
 For every objective it walks up the micro-batch sizes until one runs out of memory, and reports
 per size: ms per step (median), data tokens/s (clean tokens, L per window), peak memory and the
-model FLOPs utilisation from :mod:`megatron_sdar.flops` (body per processed token, output layer
+model FLOPs utilisation from :mod:`megatron_sdar.training.flops` (body per processed token, output layer
 where it runs, attention over allowed entries only). The summary gives T2 (sdar / ar data tokens/s,
 each at its best micro-batch and at equal micro-batch) and T2b (sdar / hf-sdar). An optimizer step
 is not included (T2b's published figures are forward+backward only).
@@ -26,6 +27,7 @@ Usage::
 
     python benchmarks/train_step.py                              # sdar, ar, hf-sdar; L=4096
     python benchmarks/train_step.py --objectives sdar ar --micro-batch-sizes 1 2 4 --out t2.json
+    python benchmarks/train_step.py --objectives sdar sdar-split ar   # opt in to the split back end
     python benchmarks/train_step.py --num-layers 4 --seq-length 1024   # a quick look
 """
 
@@ -48,6 +50,8 @@ from benchmarks.timing import cuda_time  # noqa: E402
 from megatron_sdar.training.arguments import json_object  # noqa: E402
 
 OBJECTIVES = ("sdar", "sdar-split", "ar", "hf-sdar")
+# the objectives measured so far (docs/performance.md); sdar-split is opt-in until it has been measured
+DEFAULT_OBJECTIVES = ("sdar", "ar", "hf-sdar")
 SDAR_BACKENDS = {"sdar": "flex", "sdar-split": "split"}
 
 
@@ -56,7 +60,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="SDAR vs AR training-step throughput and MFU (CUDA).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
+    p.add_argument(
+        "--objectives",
+        nargs="+",
+        choices=OBJECTIVES,
+        default=list(DEFAULT_OBJECTIVES),
+        help="what to time; sdar-split (the split attention back end) is opt-in: it has not been "
+        "measured on a GPU yet",
+    )
     p.add_argument("--seq-length", type=int, default=4096, help="clean window L")
     p.add_argument("--block-size", type=int, default=4)
     p.add_argument("--micro-batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -263,8 +274,6 @@ def step_flops(args, objective: str, batch) -> int:
 
 
 def run_objective(args, objective: str) -> list[dict]:
-    from megatron_sdar.attention.cache import MASK_CACHE
-
     torch.manual_seed(args.seed)
     model = build_model(args, objective)
     rows = []
@@ -292,7 +301,8 @@ def run_objective(args, objective: str) -> list[dict]:
             row["oom"] = True
         model.zero_grad(set_to_none=True)
         batch = step = None
-        MASK_CACHE.clear()
+        if hasattr(model, "mask_cache"):  # masks and RoPE tables of this micro-batch size
+            model.mask_cache.clear()
         torch.cuda.empty_cache()
         rows.append(row)
         print(format_row(row), flush=True)

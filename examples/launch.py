@@ -166,10 +166,11 @@ def memory_estimate(args: argparse.Namespace, flags: list[str]) -> dict:
     """
     import contextlib
     import io
-    import warnings
 
-    warnings.filterwarnings("ignore")
     sys.path.insert(0, ROOT)
+    from megatron_sdar import compat
+
+    compat.ignore_known_warnings()  # the megatron-core / torch notices named there, nothing else
     from megatron.training.arguments import parse_args as megatron_parse_args
     from megatron.training.arguments import validate_args
     from megatron.training.theoretical_memory_usage import compute_weight_and_optimizer_memory

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
@@ -12,18 +14,72 @@ from megatron_sdar.noise import NoisedBatch, apply_noise
 from megatron_sdar.positions import sdar_position_ids
 
 
+@dataclass(frozen=True)
+class BatchField:
+    """One field of an SDAR micro-batch: its dtype and its shape in terms of ``b`` and ``L``."""
+
+    name: str
+    dtype: torch.dtype
+    dims: tuple[str | int, ...]  # "b", "L", "2L" or a fixed size
+    reused: bool  # masks or RoPE tables are derived from it: a repeat keeps its device tensor
+
+    def shape(self, batch: int, seq_length: int) -> tuple[int, ...]:
+        sizes = {"b": batch, "L": seq_length, "2L": 2 * seq_length}
+        return tuple(sizes[d] if isinstance(d, str) else d for d in self.dims)
+
+
+def _field(dtype: torch.dtype, *dims: str | int, reused: bool = False) -> Any:
+    return field(metadata={"dtype": dtype, "dims": dims, "reused": reused})
+
+
 @dataclass
 class SDARBatch:
-    """Everything one SDAR micro-batch needs; ``L`` is the clean window length."""
+    """Everything one SDAR micro-batch needs; ``L`` is the clean window length.
 
-    input_ids: torch.Tensor  # [b, 2L] int64: x_t then x_0
-    position_ids: torch.Tensor  # [b, 2L] int64: the noised copy repeats the clean positions
-    layout: torch.Tensor  # [b, 2, L] int32: document ids and block indices (the attention mask)
-    labels: torch.Tensor  # [b, L] int64: x_0, predicted at the same position (no shift)
-    eligible: torch.Tensor  # [b, L] bool: tokens the noise may mask
-    masked: torch.Tensor  # [b, L] bool: tokens the noise did mask
-    mask_prob: torch.Tensor  # [b, L] float32: p per position
-    t: torch.Tensor  # [b, L] float32: t per position
+    The one definition of the batch: each field's dtype and shape are declared here, and the
+    dataset's samples, the host-to-device copy, the reuse of repeated packings and the
+    tensor-parallel agreement check all derive from :data:`BATCH_FIELDS`.
+    """
+
+    input_ids: torch.Tensor = _field(torch.int64, "b", "2L")  # x_t then x_0
+    position_ids: torch.Tensor = _field(torch.int64, "b", "2L", reused=True)  # noised copy = clean positions
+    # document ids, block indices; SDARModel appends the RoPE positions for its layers ([b, 3, L])
+    layout: torch.Tensor = _field(torch.int32, "b", 2, "L", reused=True)
+    labels: torch.Tensor = _field(torch.int64, "b", "L")  # x_0, predicted at the same position (no shift)
+    eligible: torch.Tensor = _field(torch.bool, "b", "L")  # tokens the noise may mask
+    masked: torch.Tensor = _field(torch.bool, "b", "L")  # tokens the noise did mask
+    mask_prob: torch.Tensor = _field(torch.float32, "b", "L")  # p per position
+    t: torch.Tensor = _field(torch.float32, "b", "L")  # t per position
+
+    def sample(self, row: int) -> dict[str, torch.Tensor]:
+        """Row ``row`` as a dataset sample (a data loader stacks samples back into a batch)."""
+        return {f.name: getattr(self, f.name)[row] for f in BATCH_FIELDS}
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, torch.Tensor]) -> SDARBatch:
+        """The batch from a mapping with (at least) every field, e.g. a data loader's output."""
+        missing = [f.name for f in BATCH_FIELDS if f.name not in data]
+        if missing:
+            raise ValueError(f"the micro-batch lacks the SDAR fields {missing}")
+        return cls(**{f.name: data[f.name] for f in BATCH_FIELDS})
+
+
+BATCH_FIELDS: tuple[BatchField, ...] = tuple(
+    BatchField(f.name, f.metadata["dtype"], f.metadata["dims"], f.metadata["reused"])
+    for f in fields(SDARBatch)
+)
+
+
+def check_batch_shapes(data: Mapping[str, torch.Tensor], batch: int, seq_length: int) -> None:
+    """Raise ``ValueError`` naming the flags when a micro-batch does not have the expected shapes."""
+    for f in BATCH_FIELDS:
+        expected = f.shape(batch, seq_length)
+        if f.name not in data or tuple(data[f.name].shape) != expected:
+            got = list(data[f.name].shape) if f.name in data else "nothing"
+            raise ValueError(
+                f"micro-batch field {f.name!r} has shape {got}, expected {list(expected)} "
+                f"from --micro-batch-size {batch} and --seq-length {seq_length}"
+            )
 
 
 def build_sdar_batch(

@@ -11,7 +11,10 @@ L-long window, its document id and its block index. The rule (true = may attend)
 
 The per-token description travels through Megatron as a small integer *layout* tensor of shape
 ``[b, 2, L]`` (row 0: document ids, row 1: block indices) instead of a ``2L x 2L`` mask, so it survives
-activation recompute and pipeline sends, and every layer derives the same mask from it.
+activation recompute and pipeline sends, and every layer derives the same mask from it. The data
+pipeline produces ``[b, 2, L]``; ``SDARModel`` hands its layers ``[b, 3, L]``, the same two rows plus
+the clean half's RoPE positions as row 2 (:func:`layout_with_positions`). The mask reads rows 0 and 1
+only, so everything here that derives a mask takes either.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import torch
 LAYOUT_DOC = 0
 LAYOUT_BLOCK = 1
 LAYOUT_POSITION = 2  # optional: RoPE positions, added by SDARModel so the core attention applies RoPE
+LAYOUT_ROWS = 2  # [b, 2, L]: documents and blocks, what the data pipeline produces
+LAYOUT_ROWS_WITH_POSITIONS = 3  # [b, 3, L]: plus the clean positions, what SDARModel gives its layers
 
 
 class BlockCounting(enum.StrEnum):
@@ -90,6 +95,19 @@ def make_layout(doc_ids: torch.Tensor, block_size: int, counting: BlockCounting 
     return torch.stack([doc_ids.to(torch.int32), blocks], dim=1).contiguous()
 
 
+def layout_with_positions(layout: torch.Tensor, clean_positions: torch.Tensor) -> torch.Tensor:
+    """The ``[b, 3, L]`` layout: ``layout`` ``[b, 2, L]`` plus the clean half's RoPE positions ``[b, L]``
+    (the noised half repeats them)."""
+    if layout.dim() != 3 or layout.shape[1] != LAYOUT_ROWS:
+        raise ValueError(f"expected a [batch, 2, L] layout, got shape {list(layout.shape)}")
+    if tuple(clean_positions.shape) != (layout.shape[0], layout.shape[-1]):
+        raise ValueError(
+            f"positions {list(clean_positions.shape)} do not match the layout's "
+            f"{layout.shape[0]} rows x {layout.shape[-1]} tokens"
+        )
+    return torch.cat([layout, clean_positions.to(layout.dtype).unsqueeze(1)], dim=1)
+
+
 def sdar_mask_rule(
     q_idx: torch.Tensor,
     kv_idx: torch.Tensor,
@@ -115,7 +133,8 @@ def sdar_mask_rule(
 
 
 def sdar_mask_mod(layout: torch.Tensor, clean_attention: CleanAttention | str) -> Callable:
-    """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` for the given ``[b, 2, L]`` layout."""
+    """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` for the given ``[b, 2, L]`` or ``[b, 3, L]``
+    layout."""
     clean_attention = CleanAttention(clean_attention)
     seq_len = layout.shape[-1]
     docs = layout[:, LAYOUT_DOC]

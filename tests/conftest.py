@@ -1,9 +1,6 @@
-import warnings
-
 import pytest
 
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+# Warning filters live in pyproject.toml ([tool.pytest.ini_options] filterwarnings).
 
 
 @pytest.fixture(scope="session")

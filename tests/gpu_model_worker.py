@@ -25,7 +25,6 @@ def main() -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_sdar.attention.cache import MASK_CACHE
     from megatron_sdar.batch import build_sdar_batch
     from megatron_sdar.config import SDARConfig
     from megatron_sdar.loss import sdar_loss
@@ -60,7 +59,7 @@ def main() -> None:
         batch = build_sdar_batch(
             tokens, doc_ids, eligible, sdar, torch.Generator(device="cuda").manual_seed(1)
         )
-        builds = MASK_CACHE.builds
+        builds = model.mask_cache.builds
         loss_index = masked_loss_index(batch.masked) if masked_output else None
         out = model(
             batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels, loss_index=loss_index
@@ -68,7 +67,7 @@ def main() -> None:
         loss_sum, count, _ = sdar_loss(out, batch)
         (loss_sum / count).backward()
         grads = {n: p.grad.float().clone() for n, p in model.named_parameters()}
-        return float(loss_sum / count), grads, MASK_CACHE.builds - builds
+        return float(loss_sum / count), grads, model.mask_cache.builds - builds
 
     def compare(a, b) -> dict:
         loss_diff = abs(a[0] - b[0])
@@ -101,7 +100,7 @@ def host_syncs(backend: str, vocab: int, seq: int) -> list[str]:
     from megatron_sdar.model.base import qwen3_transformer_config
     from megatron_sdar.model.sdar import build_sdar_model
     from megatron_sdar.training.datasets import SDARSampleDataset
-    from megatron_sdar.training.step import SDAR_KEYS, get_sdar_batch
+    from megatron_sdar.training.step import SDARBatchReader
 
     sdar = SDARConfig(block_size=4, mask_token_id=vocab - 1, attention_backend=backend)
     config = qwen3_transformer_config(
@@ -119,13 +118,14 @@ def host_syncs(backend: str, vocab: int, seq: int) -> list[str]:
         SDARSampleDataset(samples, sdar, 0, "train"), batch_size=2, pin_memory=True
     )
     batches = iter(loader)
+    reader = SDARBatchReader()
 
     def step() -> None:
-        data = get_sdar_batch(batches, torch.device("cuda"), 2, seq, loss_index=True)
-        batch = SDARBatch(**{k: data[k] for k in SDAR_KEYS})
+        data = reader.read(batches, torch.device("cuda"), 2, seq, loss_index=True)
+        batch = SDARBatch.from_mapping(data)
         out = model(
             batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels,
-            loss_index=data["loss_index"],
+            loss_index=data["loss_index"], layout_host=data.get("layout_host"),
         )  # fmt: skip
         loss_sum, count, _ = sdar_loss(out, batch)
         (loss_sum / count).backward()
@@ -146,7 +146,7 @@ def pinned_loss_index() -> bool:
     """The training loop's masked-position index from a pinned data loader equals the mask's."""
     from megatron_sdar.config import SDARConfig
     from megatron_sdar.training.datasets import SDARSampleDataset
-    from megatron_sdar.training.step import get_sdar_batch
+    from megatron_sdar.training.step import SDARBatchReader
 
     sample = {
         "tokens": torch.arange(64) + 2,
@@ -155,7 +155,7 @@ def pinned_loss_index() -> bool:
     }
     dataset = SDARSampleDataset([sample] * 4, SDARConfig(block_size=4, mask_token_id=99), 0, "train")
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, pin_memory=True)
-    batch = get_sdar_batch(iter(loader), torch.device("cuda"), 4, 64, loss_index=True)
+    batch = SDARBatchReader().read(iter(loader), torch.device("cuda"), 4, 64, loss_index=True)
     expected = batch["masked"].reshape(-1).nonzero().squeeze(1)
     return batch["loss_index"].is_cuda and torch.equal(batch["loss_index"], expected)
 

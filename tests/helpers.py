@@ -81,3 +81,49 @@ def tiny_model(
         rotary_base=rotary_base,
         vp_stage=vp_stage,
     )
+
+
+def megatron_twin(hf: Any, sdar: SDARConfig, seq_length: int = 32) -> SDARModel:
+    """The weights of a tiny HF Qwen3/Llama (``tests.test_conversion.hf_model``) in a Megatron SDAR
+    model at TP=1, in eval mode (initialises the single-process Megatron world)."""
+    from megatron_sdar.conversion.mapping import AttentionShape, hf_to_mcore_state_dict
+
+    init_megatron()
+    cfg = hf.config
+    model = tiny_model(
+        sdar, vocab_size=cfg.vocab_size, seq_length=seq_length, tied=cfg.tie_word_embeddings,
+        num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_key_value_heads,
+        kv_channels=cfg.head_dim, ffn_hidden_size=cfg.intermediate_size,
+        qk_layernorm=cfg.model_type == "qwen3", rotary_base=cfg.rope_parameters["rope_theta"],
+    )  # fmt: skip
+    shape = AttentionShape(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+    state = hf_to_mcore_state_dict(hf.state_dict(), shape, cfg.num_hidden_layers, cfg.tie_word_embeddings)
+    model.load_state_dict(state, strict=False)
+    return model.eval()
+
+
+def sdar_checkpoint(tmp_path: Any, block_size: int = 4) -> tuple[Any, Any, int]:
+    """The BPE-tokenised HF Llama of ``tests.test_convert_tool`` converted to a Megatron SDAR
+    checkpoint with a new ``<|mask|>`` token: (HF folder, checkpoint folder, mask token id)."""
+    from tests.test_convert_tool import _tokenizer_and_model
+    from tools import convert_hf_to_mcore
+
+    src, _, mask_id = _tokenizer_and_model(tmp_path)  # the added mask token takes the next row
+    ckpt = tmp_path / "ckpt"
+    convert_hf_to_mcore.main(
+        ["--hf-dir", str(src), "--save", str(ckpt), "--dtype", "fp32", "--mask-token", "<|mask|>",
+         "--block-size", str(block_size)]
+    )  # fmt: skip
+    return src, ckpt, mask_id
+
+
+def sdar_export(tmp_path: Any, block_size: int = 4) -> tuple[Any, Any, int]:
+    """:func:`sdar_checkpoint` exported back to a HF SDAR folder (fp32):
+    (HF source folder, SDAR export folder, mask token id)."""
+    from tools import convert_mcore_to_hf
+
+    src, ckpt, mask_id = sdar_checkpoint(tmp_path, block_size)
+    export = tmp_path / "sdar"
+    convert_mcore_to_hf.main(["--load", str(ckpt), "--save", str(export), "--dtype", "fp32"])
+    return src, export, mask_id

@@ -58,9 +58,7 @@ def test_logits_match_hf_and_round_trip_is_exact(arch, tied, megatron_world):
         expected = hf(tokens).logits
         doc_ids = document_ids_from_lengths([32]).repeat(2, 1)
         layout = make_layout(doc_ids, 4, "document")
-        emb = model.embedding(input_ids=torch.cat([tokens, tokens], -1), position_ids=None)
-        rot = model.sdar_rotary(sdar_position_ids(doc_ids, False))
-        hidden = model.decoder(hidden_states=emb, attention_mask=layout, rotary_pos_emb=rot)
+        hidden = model.decode(torch.cat([tokens, tokens], -1), sdar_position_ids(doc_ids, False), layout)
         weight = model.shared_embedding_or_output_weight() if tied else None
         logits, _ = model.output_layer(hidden[32:], weight=weight)  # clean half, token-causal
         logits = logits.transpose(0, 1)

@@ -53,11 +53,11 @@ def clean_half_logits(model, tokens, tied):
     with torch.no_grad():
         n = tokens.shape[1]
         doc_ids = document_ids_from_lengths([n]).repeat(tokens.shape[0], 1)
-        emb = model.embedding(input_ids=torch.cat([tokens, tokens], -1), position_ids=None)
-        hidden = model.decoder(
-            hidden_states=emb, attention_mask=make_layout(doc_ids, 4, "document"),
-            rotary_pos_emb=model.sdar_rotary(sdar_position_ids(doc_ids, False)),
-        )  # fmt: skip
+        hidden = model.decode(
+            torch.cat([tokens, tokens], -1),
+            sdar_position_ids(doc_ids, False),
+            make_layout(doc_ids, 4, "document"),
+        )
         weight = model.shared_embedding_or_output_weight() if tied else None
         return model.output_layer(hidden[n:], weight=weight)[0].transpose(0, 1)
 

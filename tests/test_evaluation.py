@@ -14,7 +14,20 @@ from megatron_sdar.evaluation import diffusion_bound, extract_answer, next_token
 from megatron_sdar.inference import HFBackend, MegatronBackend
 from megatron_sdar.loss import sdar_loss
 from megatron_sdar.masks import document_ids_from_eod
-from tests.test_generation import MASK, VOCAB, megatron_qwen3, qwen3  # noqa: F401 (fixtures)
+from tests.helpers import megatron_twin, sdar_export
+from tests.test_conversion import VOCAB, hf_model
+
+MASK = VOCAB - 1
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    return hf_model("qwen3", False)
+
+
+@pytest.fixture(scope="module")
+def megatron_qwen3(qwen3):
+    return megatron_twin(qwen3[0], SDARConfig(block_size=4, mask_token_id=MASK))
 
 
 @pytest.mark.parametrize(
@@ -42,7 +55,7 @@ def test_read_math_problems(tmp_path):
         read_math_problems(str(bad))
 
 
-def test_diffusion_bound_equals_the_training_loss(qwen3, megatron_qwen3):  # noqa: F811
+def test_diffusion_bound_equals_the_training_loss(qwen3, megatron_qwen3):
     hf, _ = qwen3
     sdar = SDARConfig(block_size=4, mask_token_id=MASK)
     windows = torch.randint(2, VOCAB - 1, (2, 16), generator=torch.Generator().manual_seed(5))
@@ -63,7 +76,7 @@ def test_diffusion_bound_equals_the_training_loss(qwen3, megatron_qwen3):  # noq
     assert abs(again["diffusion_bound"] - got["diffusion_bound"]) < 1e-4
 
 
-def test_next_token_nll_matches_transformers(qwen3):  # noqa: F811
+def test_next_token_nll_matches_transformers(qwen3):
     hf, _ = qwen3
     windows = torch.randint(2, VOCAB - 1, (1, 16), generator=torch.Generator().manual_seed(6))
     got = next_token_nll(HFBackend(hf), windows, eod_id=1)
@@ -74,27 +87,9 @@ def test_next_token_nll_matches_transformers(qwen3):  # noqa: F811
 
 def test_evaluate_tool(tmp_path):
     """tools/evaluate.py on an SDAR export: a table row per decoding setting and the text bound."""
-    from tests.test_convert_tool import _tokenizer_and_model
-    from tools import convert_hf_to_mcore, convert_mcore_to_hf
     from tools import evaluate as evaluate_tool
 
-    src, _, _ = _tokenizer_and_model(tmp_path)
-    ckpt, export = tmp_path / "ckpt", tmp_path / "sdar"
-    convert_hf_to_mcore.main(
-        [
-            "--hf-dir",
-            str(src),
-            "--save",
-            str(ckpt),
-            "--dtype",
-            "fp32",
-            "--mask-token",
-            "<|mask|>",
-            "--block-size",
-            "4",
-        ]
-    )
-    convert_mcore_to_hf.main(["--load", str(ckpt), "--save", str(export), "--dtype", "fp32"])
+    _, export, _ = sdar_export(tmp_path)
     math = tmp_path / "gsm.jsonl"
     math.write_text(
         "".join(json.dumps({"question": f"the mask {i}", "answer": f"#### {i}"}) + "\n" for i in range(3))

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from megatron_sdar.config import SDARConfig
-from megatron_sdar.conversion.mapping import AttentionShape, hf_to_mcore_state_dict
 from megatron_sdar.inference import (
     HFBackend,
     MegatronBackend,
@@ -21,8 +20,8 @@ from megatron_sdar.inference import (
 )
 from megatron_sdar.masks import document_ids_from_lengths, make_layout
 from megatron_sdar.positions import sdar_position_ids
-from tests.helpers import tiny_model
-from tests.test_conversion import FFN, HEAD_DIM, HEADS, HIDDEN, KV, LAYERS, VOCAB, hf_model
+from tests.helpers import megatron_twin, sdar_checkpoint, sdar_export
+from tests.test_conversion import VOCAB, hf_model
 
 MASK, B = VOCAB - 1, 4
 
@@ -36,19 +35,7 @@ def qwen3():
 @pytest.fixture(scope="module")
 def megatron_qwen3(qwen3):
     """The same weights in the Megatron SDAR model (TP=1)."""
-    from tests.helpers import init_megatron
-
-    init_megatron()
-    hf, cfg = qwen3
-    shape = AttentionShape(HEADS, KV, HEAD_DIM)
-    sdar = SDARConfig(block_size=B, mask_token_id=MASK)
-    model = tiny_model(
-        sdar, vocab_size=VOCAB, seq_length=32, tied=False, num_layers=LAYERS, hidden_size=HIDDEN,
-        num_attention_heads=HEADS, num_query_groups=KV, kv_channels=HEAD_DIM, ffn_hidden_size=FFN,
-        qk_layernorm=True, rotary_base=cfg.rope_parameters["rope_theta"],
-    )  # fmt: skip
-    model.load_state_dict(hf_to_mcore_state_dict(hf.state_dict(), shape, LAYERS, False), strict=False)
-    return model.eval()
+    return megatron_twin(qwen3[0], SDARConfig(block_size=B, mask_token_id=MASK))
 
 
 def test_denoising_logits_equal_the_training_models(qwen3, megatron_qwen3):
@@ -222,27 +209,9 @@ def test_generate_tool_on_an_sdar_export(tmp_path):
     """HF model -> Megatron (mask token added) -> HF SDAR export -> tools/generate.py, both modes."""
     import json
 
-    from tests.test_convert_tool import _tokenizer_and_model
-    from tools import convert_hf_to_mcore, convert_mcore_to_hf
     from tools import generate as generate_tool
 
-    src, _, rows = _tokenizer_and_model(tmp_path)
-    ckpt, export = tmp_path / "ckpt", tmp_path / "sdar"
-    convert_hf_to_mcore.main(
-        [
-            "--hf-dir",
-            str(src),
-            "--save",
-            str(ckpt),
-            "--dtype",
-            "fp32",
-            "--mask-token",
-            "<|mask|>",
-            "--block-size",
-            "4",
-        ]
-    )
-    convert_mcore_to_hf.main(["--load", str(ckpt), "--save", str(export), "--dtype", "fp32"])
+    src, export, mask_id = sdar_export(tmp_path)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "the mask token"}) + "\n" + "blocks decode\n")
     out = generate_tool.main(
@@ -251,7 +220,7 @@ def test_generate_tool_on_an_sdar_export(tmp_path):
     )  # fmt: skip
     summary = json.loads((tmp_path / "out.json").read_text())["summary"]
     assert summary["block_size"] == 4 and summary["tokens_per_forward"] >= 1.0
-    assert len(out["completions"]) == 2 and all(rows not in t for t in out["tokens"])  # never the mask
+    assert len(out["completions"]) == 2 and all(mask_id not in t for t in out["tokens"])  # never the mask
     ar = generate_tool.main(
         ["--hf-dir", str(export), "--prompt", "blocks", "--mode", "ar", "--max-new-tokens", "5"]
     )
@@ -273,26 +242,9 @@ def test_generate_from_megatron_at_tp2(tmp_path):
     from pathlib import Path
 
     from tests.helpers import free_port
-    from tests.test_convert_tool import _tokenizer_and_model
-    from tools import convert_hf_to_mcore
     from tools import generate as generate_tool
 
-    src, _, _ = _tokenizer_and_model(tmp_path)
-    ckpt = tmp_path / "ckpt"
-    convert_hf_to_mcore.main(
-        [
-            "--hf-dir",
-            str(src),
-            "--save",
-            str(ckpt),
-            "--dtype",
-            "fp32",
-            "--mask-token",
-            "<|mask|>",
-            "--block-size",
-            "4",
-        ]
-    )
+    _, ckpt, _ = sdar_checkpoint(tmp_path)
     flags = ["--load", str(ckpt), "--prompt", "the mask token", "--prompt", "blocks", "--max-new-tokens", "8"]
     single = generate_tool.main([*flags, "--tau", "0.5"])
     root = Path(__file__).resolve().parent.parent

@@ -86,14 +86,16 @@ def test_fast_backends_match_dense_sdpa(clean, counting, backend):
 
 
 def test_one_mask_for_all_layers():
-    """Layers fed the same layout tensor share one mask from the process-wide cache, forward and
-    backward; a new layout, or the same one changed in place, gets a new mask."""
-    from megatron_sdar.attention.cache import MASK_CACHE
+    """Layers fed the same layout tensor share one mask from the cache they are given (a model gives
+    its layers its own), forward and backward; a new layout, or the same one changed in place, gets a
+    new mask."""
+    from megatron_sdar.attention.cache import SDARMaskCache
 
     layout = packed_layout()
     q, k, v, _ = qkv(2 * layout.shape[-1], layout.shape[0])
-    layers = [core_attention("block_causal", "flex", layer_number=i + 1) for i in range(6)]
-    assert all(layer.mask_cache is MASK_CACHE for layer in layers)
+    cache = SDARMaskCache()
+    layers = [core_attention("block_causal", "flex", cache, layer_number=i + 1) for i in range(6)]
+    assert all(layer.mask_cache is cache for layer in layers)
 
     def run(layout) -> None:
         x = q.clone().requires_grad_()
@@ -101,16 +103,15 @@ def test_one_mask_for_all_layers():
             x = layer(x, k, v, layout).view_as(q) + x
         x.float().pow(2).mean().backward()
 
-    MASK_CACHE.clear()
-    before = MASK_CACHE.builds
+    before = cache.builds
     run(layout)
     run(layout)
-    assert MASK_CACHE.builds - before == 1
+    assert cache.builds - before == 1
     run(packed_layout())  # equal contents, new tensor
-    assert MASK_CACHE.builds - before == 2
+    assert cache.builds - before == 2
     layout[:, 0, -5:] += 1  # in-place change: the cached mask must not be reused
     run(layout)
-    assert MASK_CACHE.builds - before == 3
+    assert cache.builds - before == 3
 
 
 def test_compiled_rope_matches_eager():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_sdar.attention.cache import MASK_CACHE
 from megatron_sdar.config import SDARConfig
 from megatron_sdar.masks import document_ids_from_lengths, make_layout
 from megatron_sdar.positions import sdar_position_ids
@@ -29,10 +28,7 @@ def hidden_states(model, input_ids, doc_ids, restart_positions=False, position_i
     if position_ids is None:
         position_ids = sdar_position_ids(doc_ids, restart_positions)
     with torch.no_grad():
-        emb = model.embedding(input_ids=input_ids, position_ids=None)
-        return model.decoder(
-            hidden_states=emb, attention_mask=layout, rotary_pos_emb=model.sdar_rotary(position_ids)
-        )
+        return model.decode(input_ids, position_ids, layout)
 
 
 def setup():
@@ -117,34 +113,38 @@ def test_clean_half_is_block_causal(model):
 
 
 def test_positions_are_relative_within_documents(model):
-    """Attention never crosses documents and RoPE is relative, so restarting positions per document
-    gives the same outputs; giving the noised copy positions L..2L-1 instead of the clean copy's
-    changes them."""
+    """Attention never crosses documents and RoPE is relative, so restarting positions per document,
+    or shifting them all, gives the same outputs; positions at other distances change both halves
+    (the core attention rotates both halves by the clean positions the layout carries)."""
     clean, noised, doc_ids, _ = setup()
     tokens = torch.cat([noised, clean], -1)
     continuous = hidden_states(model, tokens, doc_ids, restart_positions=False)
     restarted = hidden_states(model, tokens, doc_ids, restart_positions=True)
     torch.testing.assert_close(continuous, restarted, atol=2e-5, rtol=1e-5)
-    shifted = torch.arange(2 * L).unsqueeze(0)
-    other = hidden_states(model, tokens, doc_ids, position_ids=shifted)
-    torch.testing.assert_close(continuous[L:], other[L:], atol=2e-5, rtol=1e-5)
+    shifted = (torch.arange(L) + 7).repeat(1, 2)
+    torch.testing.assert_close(continuous, hidden_states(model, tokens, doc_ids, position_ids=shifted))
+    stretched = (torch.arange(L) * 2).repeat(1, 2)
+    other = hidden_states(model, tokens, doc_ids, position_ids=stretched)
     assert (continuous[:L] - other[:L]).abs().max() > 1e-3
+    assert (continuous[L:] - other[L:]).abs().max() > 1e-3
 
 
 def test_mask_built_once_per_layout_and_shared_by_layers(model):
     clean, noised, doc_ids, _ = setup()
     layout = make_layout(doc_ids, B, "document")
     pos = sdar_position_ids(doc_ids, False)
-    MASK_CACHE.clear()
-    before = MASK_CACHE.builds
+    model.mask_cache.clear()
+    before = model.mask_cache.builds
     with torch.no_grad():
         model(torch.cat([noised, clean], -1), pos, layout)
         model(torch.cat([noised, clean], -1), pos, layout)
     assert model.config.num_layers > 1
-    assert MASK_CACHE.builds - before == 1
+    assert model.mask_cache.builds - before == 1
+    cores = [layer.self_attention.core_attention for layer in model.decoder.layers]
+    assert all(core.mask_cache is model.mask_cache and core.rotary is model.sdar_rotary for core in cores)
     with torch.no_grad():
         model(torch.cat([noised, clean], -1), pos, make_layout(doc_ids, B, "document"))
-    assert MASK_CACHE.builds - before == 2
+    assert model.mask_cache.builds - before == 2
 
 
 def test_forward_backward_and_output_shapes(megatron_world):

@@ -59,11 +59,11 @@ def test_smollm2_logits_parity(tmp_path, megatron_world):
     with torch.no_grad():
         expected = hf(tokens).logits
         doc_ids = document_ids_from_lengths([n]).unsqueeze(0)
-        emb = model.embedding(input_ids=torch.cat([tokens, tokens], -1), position_ids=None)
-        hidden = model.decoder(
-            hidden_states=emb, attention_mask=make_layout(doc_ids, 4, "document"),
-            rotary_pos_emb=model.sdar_rotary(sdar_position_ids(doc_ids, False)),
-        )  # fmt: skip
+        hidden = model.decode(
+            torch.cat([tokens, tokens], -1),
+            sdar_position_ids(doc_ids, False),
+            make_layout(doc_ids, 4, "document"),
+        )
         logits = model.output_layer(hidden[n:], weight=model.shared_embedding_or_output_weight())[0]
         logits = logits.transpose(0, 1)[..., : arch.vocab_size]
     diff = (logits - expected).abs().max().item()

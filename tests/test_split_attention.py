@@ -185,8 +185,8 @@ def test_plan_from_the_host_copy_never_reads_the_layout(case):
 
 
 def test_host_copies_follow_the_layout_through_cache_and_model(monkeypatch, megatron_world):
-    """The training loop records the loader's copy; the model passes it on to the layout it builds
-    (with positions) and the split plan is built from it. An in-place change forgets it."""
+    """The training loop hands the model the loader's copy; the model records it for the layout it
+    builds (with positions) and the split plan is built from it. An in-place change forgets it."""
     import megatron_sdar.attention.cache as attention
     from megatron_sdar.batch import build_sdar_batch
     from megatron_sdar.config import SDARConfig
@@ -219,11 +219,11 @@ def test_host_copies_follow_the_layout_through_cache_and_model(monkeypatch, mega
     tokens = torch.randint(0, 63, (1, 16), generator=torch.Generator().manual_seed(0))
     doc_ids = document_ids_from_lengths([6, 10]).unsqueeze(0)
     batch = build_sdar_batch(tokens, doc_ids, torch.ones_like(tokens, dtype=torch.bool), sdar)
-    attention.MASK_CACHE.set_host_copy(batch.layout, host)
-    model(batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels)
+    model(batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels, layout_host=host)
     assert len(seen) == 1 and seen[0] is host
     batch.layout[:, 1, -1] += 0  # an in-place op bumps the version: the record no longer applies
-    assert attention.MASK_CACHE.host_copy(batch.layout) is None
+    model(batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels)
+    assert len(seen) == 2 and seen[1] is None
 
 
 def test_plan_refuses_layouts_it_cannot_split():

@@ -3,7 +3,6 @@ dataset providers' samples, noise seeding, epoch shuffling, the AR baseline's lo
 
 from __future__ import annotations
 
-import json
 import sys
 import types
 
@@ -217,7 +216,7 @@ def test_ar_baseline_loss_mask_stays_inside_documents():
 
 
 def test_sdar_batch_broadcast_shapes_single_rank(megatron_world):
-    from megatron_sdar.training.step import get_sdar_batch
+    from megatron_sdar.training.step import SDARBatchReader
 
     sdar = SDARConfig(block_size=4, mask_token_id=99)
     base = [
@@ -229,13 +228,23 @@ def test_sdar_batch_broadcast_shapes_single_rank(megatron_world):
     ] * 2
     ds = SDARSampleDataset(base, sdar, seed=0, split="train")
     loader = torch.utils.data.DataLoader(ds, batch_size=2)
-    batch = get_sdar_batch(iter(loader), torch.device("cpu"), micro_batch_size=2, seq_length=16)
-    assert batch["input_ids"].shape == (2, 32) and batch["layout"].dtype == torch.int32
-    assert batch["mask_prob"].dtype == torch.float32 and batch["masked"].dtype == torch.bool
-    json.dumps({k: list(v.shape) for k, v in batch.items()})
-    assert "loss_index" not in batch
+    batch = SDARBatchReader().read(iter(loader), torch.device("cpu"), micro_batch_size=2, seq_length=16)
+    # every field at its declared shape and dtype for b=2, L=16 (2L inputs, a [b, 2, L] layout), on
+    # the device, plus the loader's host copy of the layout; nothing else
+    assert {k: (tuple(v.shape), v.dtype, v.device.type) for k, v in batch.items()} == {
+        "input_ids": ((2, 32), torch.int64, "cpu"),
+        "position_ids": ((2, 32), torch.int64, "cpu"),
+        "layout": ((2, 2, 16), torch.int32, "cpu"),
+        "labels": ((2, 16), torch.int64, "cpu"),
+        "eligible": ((2, 16), torch.bool, "cpu"),
+        "masked": ((2, 16), torch.bool, "cpu"),
+        "mask_prob": ((2, 16), torch.float32, "cpu"),
+        "t": ((2, 16), torch.float32, "cpu"),
+        "layout_host": ((2, 2, 16), torch.int32, "cpu"),
+    }
+    assert torch.equal(batch["layout_host"], batch["layout"])
 
-    batch = get_sdar_batch(iter(loader), torch.device("cpu"), 2, 16, loss_index=True)
+    batch = SDARBatchReader().read(iter(loader), torch.device("cpu"), 2, 16, loss_index=True)
     expected = batch["masked"].reshape(-1).nonzero().squeeze(1)
     assert batch["loss_index"].dtype == torch.int64 and torch.equal(batch["loss_index"], expected)
 
@@ -253,8 +262,7 @@ def test_output_positions_flag(monkeypatch):
 def test_repeated_layouts_reuse_the_device_tensors_and_their_masks(megatron_world):
     """Micro-batches with the same packing get the same layout and position tensors back, so the
     model's masks are built once; a different packing gets new ones."""
-    from megatron_sdar.attention.cache import MASK_CACHE
-    from megatron_sdar.training.step import get_sdar_batch
+    from megatron_sdar.training.step import SDARBatchReader
     from tests.helpers import tiny_model
 
     sdar = SDARConfig(block_size=4, mask_token_id=99)
@@ -267,22 +275,29 @@ def test_repeated_layouts_reuse_the_device_tensors_and_their_masks(megatron_worl
     # noise differs per sample index, packing repeats: [one, one], [one, one], [two, one]
     dataset = SDARSampleDataset([one_doc] * 4 + [two_docs, one_doc], sdar, seed=0, split="train")
     batches = iter(torch.utils.data.DataLoader(dataset, batch_size=2))
-    first, second, third = (get_sdar_batch(batches, torch.device("cpu"), 2, 16) for _ in range(3))
+    reader = SDARBatchReader()
+    first, second, third = (reader.read(batches, torch.device("cpu"), 2, 16) for _ in range(3))
     assert not torch.equal(first["input_ids"], second["input_ids"])  # different noise
     assert second["layout"] is first["layout"] and second["position_ids"] is first["position_ids"]
     assert third["layout"] is not first["layout"] and not torch.equal(third["layout"], first["layout"])
 
     model = tiny_model(sdar, vocab_size=100, seq_length=16)
-    before = MASK_CACHE.builds
+    before = model.mask_cache.builds
     for batch in (first, second):
         model(batch["input_ids"], batch["position_ids"], batch["layout"], labels=batch["labels"])
-    assert MASK_CACHE.builds - before == 1
+    assert model.mask_cache.builds - before == 1
     model(third["input_ids"], third["position_ids"], third["layout"], labels=third["labels"])
-    assert MASK_CACHE.builds - before == 2
+    assert model.mask_cache.builds - before == 2
+    # another reader (another run) keeps nothing from this one
+    again = iter(torch.utils.data.DataLoader(dataset, batch_size=2))
+    fresh = SDARBatchReader().read(again, torch.device("cpu"), 2, 16)
+    assert fresh["layout"] is not first["layout"] and torch.equal(fresh["layout"], first["layout"])
 
 
 def test_agreement_check_runs_once_per_live_iterator():
-    from megatron_sdar.training.step import _first_batch_of
+    from megatron_sdar.training.step import IteratorsSeen
+
+    _first_batch_of = IteratorsSeen().first_time
 
     class Batches:
         def __next__(self):
@@ -298,16 +313,16 @@ def test_agreement_check_runs_once_per_live_iterator():
 
 
 def test_sdar_batch_with_wrong_sizes_fails_clearly(megatron_world):
-    from megatron_sdar.training.step import get_sdar_batch
+    from megatron_sdar.training.step import SDARBatchReader
 
     sdar = SDARConfig(block_size=4, mask_token_id=99)
     sample = {"tokens": torch.arange(16) + 2, "doc_ids": torch.zeros(16, dtype=torch.long),
               "eligible": torch.ones(16, dtype=torch.bool)}  # fmt: skip
     loader = torch.utils.data.DataLoader(SDARSampleDataset([sample] * 2, sdar, 0, "train"), batch_size=2)
     with pytest.raises(ValueError, match="--micro-batch-size 4 and --seq-length 16"):
-        get_sdar_batch(iter(loader), torch.device("cpu"), micro_batch_size=4, seq_length=16)
+        SDARBatchReader().read(iter(loader), torch.device("cpu"), micro_batch_size=4, seq_length=16)
     with pytest.raises(RuntimeError, match="no data iterator"):
-        get_sdar_batch(None, torch.device("cpu"), micro_batch_size=2, seq_length=16)
+        SDARBatchReader().read(None, torch.device("cpu"), micro_batch_size=2, seq_length=16)
 
 
 def test_resume_gives_the_same_samples_and_noise(cpt_prefix):

@@ -21,11 +21,13 @@ import os
 import resource
 import shutil
 import sys
-import warnings
 from argparse import Namespace
 
-warnings.filterwarnings("ignore", category=UserWarning)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_sdar import compat  # noqa: E402
+
+compat.ignore_known_warnings()  # the megatron-core / torch notices named there, nothing else
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",

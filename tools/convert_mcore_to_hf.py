@@ -20,11 +20,14 @@ import json
 import os
 import shutil
 import sys
-import warnings
 
-warnings.filterwarnings("ignore", category=UserWarning)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_sdar import compat  # noqa: E402
+
+compat.ignore_known_warnings()  # the megatron-core / torch notices named there, nothing else
+
+from megatron_sdar.atomic import atomic_directory, refuse_to_replace  # noqa: E402
 from megatron_sdar.conversion.hf import DTYPES  # noqa: E402
 
 HF_CLASSES = {
@@ -121,8 +124,10 @@ def main(argv: list[str] | None = None) -> dict:
     arch.block_size = args.block_size or arch.block_size
     arch.mask_token_id = args.mask_token_id if args.mask_token_id is not None else arch.mask_token_id
     config_json = hf_config(arch, args.format)
-    if os.path.exists(args.save) and os.listdir(args.save) and not args.overwrite:
-        raise SystemExit(f"error: {args.save} is not empty; pass --overwrite to replace it")
+    try:
+        refuse_to_replace(args.save, args.overwrite)
+    except FileExistsError as err:
+        raise SystemExit(f"error: {err}") from None
 
     meta = meta_model(arch)
     layout = checkpoint_layout(meta)
@@ -133,14 +138,11 @@ def main(argv: list[str] | None = None) -> dict:
     shape = AttentionShape(arch.num_attention_heads, arch.num_query_groups, arch.kv_channels)
     dtype = getattr(torch, DTYPES[args.dtype])
 
-    tmp = args.save.rstrip("/") + f".tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     weight_map: dict[str, str] = {}
     shard: dict[str, torch.Tensor] = {}
     shard_bytes, files = 0, []
 
-    def flush() -> None:
+    def flush(tmp: str) -> None:
         nonlocal shard, shard_bytes
         if shard:
             name = f"model-{len(files) + 1:05d}.safetensors"
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
             weight_map.update({k: name for k in shard})
             shard, shard_bytes = {}, 0
 
-    try:
+    with atomic_directory(args.save, overwrite=args.overwrite) as tmp:
         for param, chunks in by_param.items():
             loaded = read_parameter(ckpt, chunks, shapes[param], chunks[0].dtype)
             if param in ("embedding.word_embeddings.weight", "output_layer.weight"):
@@ -158,8 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
                 shard[name] = tensor.to(dtype).contiguous()
                 shard_bytes += tensor.numel() * tensor.element_size()
             if shard_bytes >= args.max_shard_size_mb * 2**20:
-                flush()
-        flush()
+                flush(tmp)
+        flush(tmp)
         if len(files) > 1:
             total = sum(os.path.getsize(os.path.join(tmp, f)) for f in files)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -176,12 +178,6 @@ def main(argv: list[str] | None = None) -> dict:
         if os.path.isdir(tokenizer_dir):
             for name in os.listdir(tokenizer_dir):
                 shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
-        if os.path.exists(args.save):
-            shutil.rmtree(args.save)
-        os.replace(tmp, args.save)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"wrote {args.save} ({len(weight_map)} tensors, {args.format}, {args.dtype})")
     return {"path": args.save, "config": config_json}
 

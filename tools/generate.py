@@ -19,10 +19,12 @@ import argparse
 import json
 import os
 import sys
-import warnings
 
-warnings.filterwarnings("ignore", category=UserWarning)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_sdar import compat  # noqa: E402
+
+compat.ignore_known_warnings()  # the megatron-core / torch notices named there, nothing else
 
 from megatron_sdar.conversion.hf import DTYPES  # noqa: E402
 

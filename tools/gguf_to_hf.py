@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import shutil
 import sys
-import warnings
 
-warnings.filterwarnings("ignore")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_sdar.atomic import atomic_directory, refuse_to_replace  # noqa: E402
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -50,8 +49,10 @@ def main(argv: list[str] | None = None) -> str:
     path = smollm2_path() if args.smollm2 else args.gguf
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path} does not exist")
-    if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
-        raise SystemExit(f"error: {args.out} is not empty; pass --overwrite to replace it")
+    try:
+        refuse_to_replace(args.out, args.overwrite)
+    except FileExistsError as err:
+        raise SystemExit(f"error: {err}") from None
     folder, name = os.path.split(os.path.abspath(path))
     loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     if loaded.config.model_type != "llama":
@@ -65,17 +66,9 @@ def main(argv: list[str] | None = None) -> str:
     model = transformers.LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict())
     model = model.to(torch.float32 if args.dtype == "fp32" else torch.bfloat16)
-    tmp = args.out.rstrip("/") + f".tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if os.path.exists(args.out):
-            shutil.rmtree(args.out)
-        os.replace(tmp, args.out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     count = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out} ({type(model).__name__}, {count:,} parameters)")
     return args.out

@@ -23,13 +23,15 @@ import multiprocessing
 import os
 import sys
 import time
-import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-warnings.filterwarnings("ignore", category=UserWarning)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_sdar import compat  # noqa: E402
+
+compat.ignore_known_warnings()  # the megatron-core / torch notices named there, nothing else
 
 _TOKENIZER = None
 

@@ -12,8 +12,8 @@ then examples are packed into windows of ``--seq-length`` tokens with a greedy k
 Examples longer than a window are dropped and counted (``--truncate`` cuts them instead).
 Unusable lines are reported with line numbers and skipped (``--strict``: fail).
 
-Output: ``{prefix}_tokens.bin/.idx`` and ``{prefix}_segments.bin/.idx`` (see megatron_sdar/data.py),
-written under temporary names and renamed when complete.
+Output: ``{prefix}_tokens.bin/.idx`` and ``{prefix}_segments.bin/.idx`` (see
+megatron_sdar/data/sft_windows.py), written under temporary names and renamed when complete.
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from collections import Counter
 
 import numpy as np
 
-warnings.filterwarnings("ignore", category=UserWarning)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_sdar import compat  # noqa: E402
+
+compat.ignore_known_warnings()  # the megatron-core / torch notices named there, nothing else
 
 
 def build_parser() -> argparse.ArgumentParser:

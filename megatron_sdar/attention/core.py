@@ -1,16 +1,18 @@
 """SDAR core attention: a Megatron ``core_attention`` module for the block-diffusion mask.
 
 It plugs into ``SelfAttention`` through ``ModuleSpec`` (see :mod:`megatron_sdar.model`). Megatron
-hands it the ``attention_mask`` argument untouched; for SDAR that argument is the small ``[b, 2, L]``
-layout tensor from :mod:`megatron_sdar.masks`. The attention mask proper is derived from it here and
-cached per layout, so all layers of a micro-batch (and an activation-recompute replay) share one
-mask, and nothing unpicklable ever crosses ``save_for_backward``.
+hands it the ``attention_mask`` argument untouched; for SDAR that argument is the small layout
+tensor from :mod:`megatron_sdar.masks` (``[b, 2, L]``, or ``[b, 3, L]`` with the RoPE positions
+when the model binds its rotary settings to the layer). The attention mask proper is derived from it
+here and cached per layout in the cache the model owns, so all layers of a micro-batch (and an
+activation-recompute replay) share one mask, and nothing unpicklable ever crosses
+``save_for_backward``.
 
 Back ends, one meaning:
 
 * ``flex``: FlexAttention with a ``BlockMask`` built from the mask function (CUDA; compiled);
 * ``split``: one variable-length causal flash-attention call plus a narrow local band, merged by
-  log-sum-exp (:mod:`megatron_sdar.split_attention`; CUDA with fp16/bf16, or a slow CPU reference);
+  log-sum-exp (:mod:`megatron_sdar.attention.split`; CUDA with fp16/bf16, or a slow CPU reference);
 * ``sdpa``: ``scaled_dot_product_attention`` with a dense boolean mask (CPU, tests, reference).
 
 GQA is passed through to both kernels (``enable_gqa``) instead of repeating K/V."""
@@ -26,11 +28,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_sdar.attention.cache import MASK_CACHE, SDARMaskCache
+from megatron_sdar.attention.cache import SDARMaskCache
 from megatron_sdar.attention.flex import compiled_flex_attention, default_kernel_options
 from megatron_sdar.attention.split import split_sdar_attention
 from megatron_sdar.config import ATTENTION_BACKENDS
-from megatron_sdar.masks import LAYOUT_POSITION, CleanAttention
+from megatron_sdar.masks import LAYOUT_POSITION, LAYOUT_ROWS, LAYOUT_ROWS_WITH_POSITIONS, CleanAttention
 from megatron_sdar.positions import PositionRotaryEmbedding, apply_rope
 
 
@@ -60,23 +62,30 @@ def core_attention_scale(config: TransformerConfig, softmax_scale: float | None,
     return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
 
 
-def _use_rotary(self: MegatronModule, rotary: PositionRotaryEmbedding) -> None:
-    """Apply RoPE in this core attention (one compiled kernel each way on CUDA) when its
-    ``attention_mask`` argument carries positions; the model passes Megatron no rotary embedding."""
-    if self.config.rotary_interleaved:
-        raise ValueError("RoPE in the core attention is non-interleaved (Qwen3, Llama)")
-    # a plain attribute, not a submodule: the settings hold no state
-    object.__setattr__(self, "rotary", rotary)
+class _ModelBound(MegatronModule):
+    """A core attention the model can bind to its RoPE settings and its mask cache."""
+
+    def bind(self, rotary: PositionRotaryEmbedding | None, mask_cache: SDARMaskCache) -> None:
+        """Apply RoPE here (one compiled kernel each way on CUDA; the model passes Megatron no rotary
+        embedding), from positions the model hands over in ``attention_mask``, and share the model's
+        cache of masks and RoPE tables with its other layers. ``rotary=None``: RoPE is not applied
+        here (Megatron's attention applies it) and ``attention_mask`` carries no positions."""
+        if rotary is not None and self.config.rotary_interleaved:
+            raise ValueError("RoPE in the core attention is non-interleaved (Qwen3, Llama)")
+        # plain attributes, not submodules: the settings and the cache hold no parameters
+        object.__setattr__(self, "rotary", rotary)
+        object.__setattr__(self, "mask_cache", mask_cache)
 
 
-class SDARCoreAttention(MegatronModule):
+class SDARCoreAttention(_ModelBound):
     """Core attention over ``[x_t ; x_0]`` under the SDAR mask.
 
     Inputs follow Megatron's contract: query ``[2L, b, heads_per_tp, d]``, key/value
     ``[2L, b, groups_per_tp, d]``; output ``[2L, b, heads_per_tp * d]``. ``attention_mask`` is the
-    ``[b, 2, L]`` layout tensor, or ``[b, 3, L]`` with the clean positions as a third row: then the
-    query and key arrive without RoPE (``SDARModel`` passes no rotary embedding to Megatron's
-    attention) and it is applied here from tables built once per layout.
+    ``[b, 2, L]`` layout tensor; once the model has bound its rotary settings (:meth:`bind`), it is
+    the ``[b, 3, L]`` layout with the clean positions as a third row, and the query and key arrive
+    without RoPE (``SDARModel`` passes no rotary embedding to Megatron's attention): it is applied
+    here from tables built once per layout.
     """
 
     def __init__(
@@ -100,11 +109,9 @@ class SDARCoreAttention(MegatronModule):
         self.layer_number = layer_number
         self.clean_attention = CleanAttention(clean_attention)
         self.backend = backend
-        self.mask_cache = mask_cache if mask_cache is not None else MASK_CACHE
+        self.mask_cache = mask_cache if mask_cache is not None else SDARMaskCache()
         self.kernel_options = dict(kernel_options) if kernel_options is not None else None
         self.rotary: PositionRotaryEmbedding | None = None
-
-    use_rotary = _use_rotary
 
     def forward(
         self,
@@ -116,12 +123,16 @@ class SDARCoreAttention(MegatronModule):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params: Any = None,
     ) -> torch.Tensor:
-        if attention_mask is None or attention_mask.dim() != 3 or attention_mask.shape[1] not in (2, 3):
+        rows = LAYOUT_ROWS if self.rotary is None else LAYOUT_ROWS_WITH_POSITIONS
+        if attention_mask is None or attention_mask.dim() != 3 or attention_mask.shape[1] != rows:
             shape = None if attention_mask is None else tuple(attention_mask.shape)
-            raise ValueError(
-                "SDAR attention needs the [batch, 2, L] layout tensor from "
-                f"megatron_sdar.masks.make_layout as attention_mask, got {shape}"
+            wanted = (
+                "the [batch, 2, L] layout tensor from megatron_sdar.masks.make_layout"
+                if self.rotary is None
+                else "the [batch, 3, L] layout with RoPE positions (masks.layout_with_positions), as "
+                "SDARModel passes it to the layers it bound"
             )
+            raise ValueError(f"SDAR attention needs {wanted} as attention_mask, got {shape}")
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SDAR attention supports neither packed THD sequences nor attention bias")
         seq, batch = query.shape[0], query.shape[1]
@@ -130,12 +141,7 @@ class SDARCoreAttention(MegatronModule):
                 f"query covers {seq} tokens x {batch} rows but the layout describes "
                 f"2 x {attention_mask.shape[-1]} tokens x {attention_mask.shape[0]} rows"
             )
-        if attention_mask.shape[1] == 3:  # the layout carries positions: RoPE is applied here
-            if self.rotary is None:
-                raise ValueError(
-                    "the layout carries RoPE positions but this SDAR core attention has no rotary "
-                    "settings; SDARModel gives them to its layers (use_rotary)"
-                )
+        if self.rotary is not None:  # the layout carries positions: RoPE is applied here
             clean = attention_mask[:, LAYOUT_POSITION]
             cos, sin = self.mask_cache.rope_tables(
                 attention_mask, self.rotary, query.dtype, lambda: torch.cat([clean, clean], dim=-1)
@@ -168,24 +174,16 @@ class SDARCoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
 
 
-def _is_position_row(mask: torch.Tensor | None, batch: int, seq: int) -> bool:
-    return (
-        mask is not None
-        and not mask.is_floating_point()
-        and mask.dtype != torch.bool
-        and tuple(mask.shape) == (batch, 1, seq)
-    )
-
-
-class CausalCoreAttention(MegatronModule):
+class CausalCoreAttention(_ModelBound):
     """Causal core attention through ``scaled_dot_product_attention(is_causal=True)``.
 
     The AR objective's core attention without Transformer Engine: Megatron's local
     ``DotProductAttention`` materialises the ``[b, heads, s, s]`` score matrix, so the AR baseline
     would be measured against an attention SDAR never uses. SDPA picks the flash kernel on CUDA.
     Same contract as Megatron's core attention: ``[s, b, h, d]`` in, ``[s, b, h * d]`` out. Under
-    :class:`~megatron_sdar.model.ARModel` the ``attention_mask`` argument is the ``[b, 1, s]``
-    position ids and RoPE is applied here, as the SDAR core attention does.
+    :class:`~megatron_sdar.model.ARModel`, which binds its rotary settings (:meth:`bind`), the
+    ``attention_mask`` argument is the ``[b, 1, s]`` integer position ids and RoPE is applied here, as
+    the SDAR core attention does; unbound it takes no mask.
     """
 
     def __init__(
@@ -204,9 +202,7 @@ class CausalCoreAttention(MegatronModule):
             raise ValueError(f"causal SDPA attention supports causal masks only, got {attn_mask_type}")
         self.layer_number = layer_number
         self.rotary: PositionRotaryEmbedding | None = None
-        self.mask_cache = MASK_CACHE
-
-    use_rotary = _use_rotary
+        self.mask_cache = SDARMaskCache()
 
     def forward(
         self,
@@ -219,14 +215,22 @@ class CausalCoreAttention(MegatronModule):
         packed_seq_params: Any = None,
     ) -> torch.Tensor:
         seq, batch = query.shape[0], query.shape[1]
-        positions = self.rotary is not None and _is_position_row(attention_mask, batch, seq)
-        if (
-            (attention_mask is not None and not positions)
-            or attention_bias is not None
-            or packed_seq_params is not None
+        if attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("causal SDPA attention takes no attention bias or packed sequences")
+        if self.rotary is None and attention_mask is not None:
+            raise ValueError("causal SDPA attention takes no attention mask (it is causal)")
+        if self.rotary is not None and (
+            attention_mask is None
+            or attention_mask.is_floating_point()
+            or attention_mask.dtype == torch.bool
+            or tuple(attention_mask.shape) != (batch, 1, seq)
         ):
-            raise ValueError("causal SDPA attention takes no attention mask, bias or packed sequences")
-        if positions:  # ARModel's position ids: RoPE is applied here
+            shape = None if attention_mask is None else tuple(attention_mask.shape)
+            raise ValueError(
+                f"this causal attention applies RoPE: it needs the [{batch}, 1, {seq}] integer position "
+                f"ids as attention_mask (ARModel passes them), got {shape}"
+            )
+        if self.rotary is not None:  # ARModel's position ids: RoPE is applied here
             cos, sin = self.mask_cache.rope_tables(
                 attention_mask, self.rotary, query.dtype, lambda: attention_mask[:, 0]
             )

@@ -6,6 +6,7 @@ import functools
 
 import torch
 
+from megatron_sdar import compat
 from megatron_sdar.masks import CleanAttention, sdar_mask_mod
 
 
@@ -49,16 +50,13 @@ def build_block_mask(
     With ``compile=True`` (used on CUDA) the construction is compiled so the ``2L x 2L`` boolean
     grid is never materialised; uncompiled construction evaluates the grid in pieces.
     """
-    from torch.nn.attention.flex_attention import create_block_mask
-
     batch, _, seq_len = layout.shape
-    return create_block_mask(
+    return compat.create_block_mask(
         sdar_mask_mod(layout, clean_attention),
-        B=batch,
-        H=None,
-        Q_LEN=2 * seq_len,
-        KV_LEN=2 * seq_len,
-        device=layout.device,
-        BLOCK_SIZE=block,
-        _compile=compile,
+        batch,
+        2 * seq_len,
+        2 * seq_len,
+        layout.device,
+        block_size=block,
+        compile=compile,
     )

@@ -22,7 +22,9 @@ only way on CPU; ``build_split_plan(band=...)`` chooses). See
 
 The plan (segments, key rows, band masks) is built once per layout and cached with the other masks,
 from the data loader's host copy of the layout when the training loop recorded one
-(``SDARMaskCache.set_host_copy``), otherwise by reading the layout back once.
+(``SDARMaskCache.set_host_copy``), otherwise by reading the layout back once. The layout may be the
+data pipeline's ``[b, 2, L]`` or the ``[b, 3, L]`` that ``SDARModel`` gives its layers (RoPE positions
+as a third row); the plan reads the document and block rows only.
 
 On CPU the main part runs a dense reference of the same variable-length kernel (for tests); on CUDA
 it needs fp16 or bf16 inputs and a head size flash attention supports.
@@ -35,6 +37,7 @@ from typing import Any
 
 import torch
 
+from megatron_sdar import compat
 from megatron_sdar.compiled import compiled_on_cuda
 from megatron_sdar.masks import LAYOUT_BLOCK, LAYOUT_DOC, CleanAttention, sdar_mask_mod, sdar_mask_rule
 
@@ -159,12 +162,10 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _band_block_mask(layout: torch.Tensor, clean_attention: CleanAttention, span: int):
-    from torch.nn.attention.flex_attention import create_block_mask
-
     batch, _, seq_len = layout.shape
-    return create_block_mask(
-        band_mask_mod(layout, clean_attention, span), B=batch, H=None, Q_LEN=2 * seq_len,
-        KV_LEN=2 * seq_len, device=layout.device, _compile=True,
+    return compat.create_block_mask(
+        band_mask_mod(layout, clean_attention, span), batch, 2 * seq_len, 2 * seq_len, layout.device,
+        compile=True,
     )  # fmt: skip
 
 
@@ -206,13 +207,10 @@ def _local_mask(layout: torch.Tensor, span: int, clean_attention: CleanAttention
 def _main_forward(q, k, v, plan: SplitPlan, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Output ``[N, h, d]`` and log-sum-exp ``[N, h]`` (``-inf`` for rows without keys)."""
     kb, vb = k.index_select(0, plan.key_rows), v.index_select(0, plan.key_rows)
-    if q.is_cuda:
-        out, lse, *_ = torch.ops.aten._flash_attention_forward(
-            q, kb, vb, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, 0.0, True, False, scale=scale
+    if q.is_cuda:  # lse [N, h], -inf for a row without keys (flash attention itself reports +inf)
+        return compat.flash_attention_varlen_forward(
+            q, kb, vb, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, scale
         )
-        lse = lse.t()
-        # flash attention reports +inf for a row without keys
-        return out, torch.where(torch.isinf(lse), float("-inf"), lse)
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32 if q.dtype != torch.float64 else q.dtype)
     for (q0, q1), (k0, k1) in _segments(plan):
@@ -228,12 +226,9 @@ def _main_backward(dout, q, k, v, out, lse, plan: SplitPlan, scale: float):
     rows = plan.key_rows
     kb, vb = k.index_select(0, rows), v.index_select(0, rows)
     if q.is_cuda:
-        rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)
-        unused = torch.empty(0, device=q.device)
-        dq, dkb, dvb = torch.ops.aten._flash_attention_backward(
-            dout, q, kb, vb, out, lse.t().contiguous(), plan.cu_q, plan.cu_k, plan.max_q, plan.max_k,
-            0.0, True, rng_state, unused, scale=scale,
-        )  # fmt: skip
+        dq, dkb, dvb = compat.flash_attention_varlen_backward(
+            dout, q, kb, vb, out, lse, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, scale
+        )
     else:
         dq, dkb, dvb = torch.zeros_like(q), torch.zeros_like(kb), torch.zeros_like(vb)
         for (q0, q1), (k0, k1) in _segments(plan):

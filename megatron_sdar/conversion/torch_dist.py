@@ -22,6 +22,9 @@ from typing import Any
 
 import torch
 
+from megatron_sdar import compat
+from megatron_sdar.atomic import atomic_write_text
+
 METADATA = {
     "sharded_backend": "torch_dist",
     "sharded_backend_version": 1,
@@ -171,10 +174,7 @@ def save_torch_dist(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    tracker_tmp = os.path.join(save_dir, f".{TRACKER}.tmp{os.getpid()}")
-    with open(tracker_tmp, "w") as f:
-        f.write(tag)
-    os.replace(tracker_tmp, os.path.join(save_dir, TRACKER))
+    atomic_write_text(os.path.join(save_dir, TRACKER), tag)
     return final
 
 
@@ -185,7 +185,6 @@ def read_region(checkpoint: str, key: str, offset: tuple[int, ...], shape: tuple
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
     from torch.distributed.checkpoint.planner import LoadPlan
-    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
     buffer = torch.empty(shape, dtype=dtype)
 
@@ -195,7 +194,7 @@ def read_region(checkpoint: str, key: str, offset: tuple[int, ...], shape: tuple
             if stored is None:
                 raise KeyError(f"{key} is not in the checkpoint at {checkpoint}")
             region = ChunkStorageMetadata(offsets=torch.Size(offset), sizes=torch.Size(shape))
-            return LoadPlan(create_read_items_for_chunk_list(key, stored, [region]))
+            return LoadPlan(compat.read_items_for_chunks(key, stored, [region]))
 
         def lookup_tensor(self, index):
             return buffer

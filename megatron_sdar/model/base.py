@@ -10,6 +10,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_sdar.attention.cache import SDARMaskCache
 from megatron_sdar.positions import PositionRotaryEmbedding
 
 
@@ -18,8 +19,9 @@ class RoPEInCoreModel(GPTModel):
     through ``attention_mask`` (one compiled kernel each way on CUDA, tables built once per
     micro-batch); Megatron's attention gets no rotary embedding, which it fuses only with TE.
 
-    Subclasses name the core attention type that accepts the positions (``use_rotary``);
-    ``_rope_in_core`` records whether this stage holds any such layer.
+    The model owns the cache of masks and RoPE tables (:attr:`mask_cache`) and binds it, with its
+    rotary settings, to its core attentions. Subclasses name the core attention type that accepts
+    the positions; ``_rope_in_core`` records whether this stage holds any such layer.
     """
 
     core_attention_type: type
@@ -48,11 +50,17 @@ class RoPEInCoreModel(GPTModel):
         )
         self.sdar_rotary = PositionRotaryEmbedding(config.kv_channels, rotary_base, rotary_percent)
         self.rotary_base = rotary_base
+        self.mask_cache = SDARMaskCache()
+        self.apply_rope_in_core(True)
+
+    def apply_rope_in_core(self, enabled: bool) -> None:
+        """Bind the core attentions to the model's rotary settings and mask cache (``enabled``: RoPE
+        in the core attention, the default) or only to the cache (Megatron's RoPE path, which gives
+        the same numbers; for comparisons). A stage without such layers uses Megatron's path."""
         cores = [m for m in self.modules() if isinstance(m, self.core_attention_type)]
         for core in cores:
-            core.use_rotary(self.sdar_rotary)
-        self._rope_in_core = bool(cores)
-        self._mask_caches = list({id(core.mask_cache): core.mask_cache for core in cores}.values())
+            core.bind(self.sdar_rotary if enabled else None, self.mask_cache)
+        self._rope_in_core = enabled and bool(cores)
 
 
 def qwen3_transformer_config(**overrides: Any) -> TransformerConfig:

@@ -21,8 +21,10 @@ from megatron.core.tensor_parallel import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_sdar.attention.cache import TensorKeyedCache
 from megatron_sdar.attention.core import SDARCoreAttention
 from megatron_sdar.config import SDARConfig
+from megatron_sdar.masks import LAYOUT_ROWS, layout_with_positions
 from megatron_sdar.model.base import RoPEInCoreModel
 from megatron_sdar.model.specs import sdar_layer_spec
 
@@ -33,7 +35,9 @@ class SDARModel(RoPEInCoreModel):
     ``forward(input_ids [b, 2L], position_ids [b, 2L], attention_mask = layout [b, 2, L],
     labels = x_0 [b, L])`` returns ``[b, L, 2]``: per-token cross-entropy of the noised half against
     the clean token at the same position, and whether the prediction was right (for logging).
-    Without labels it returns the noised half's logits ``[b, L, vocab / tp]``.
+    Without labels it returns the noised half's logits ``[b, L, vocab / tp]``. ``loss_index`` runs
+    the output layer on the selected positions only (:meth:`selected_output`); ``layout_host``, a CPU
+    copy of the layout (the data loader's), spares what is planned on the host a device read.
     """
 
     core_attention_type = SDARCoreAttention
@@ -55,7 +59,7 @@ class SDARModel(RoPEInCoreModel):
             **kwargs,
         )  # fmt: skip
         self.sdar_config = sdar_config
-        self._last_layout: tuple | None = None
+        self._layouts = TensorKeyedCache(max_entries=4)  # [b, 3, L] layouts by (layout, position ids)
 
     def forward(
         self,
@@ -65,6 +69,7 @@ class SDARModel(RoPEInCoreModel):
         decoder_input: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         loss_index: torch.Tensor | None = None,
+        layout_host: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         unsupported = {k for k, v in kwargs.items() if v is not None}
@@ -72,28 +77,41 @@ class SDARModel(RoPEInCoreModel):
             raise ValueError(f"SDARModel.forward does not take {sorted(unsupported)}")
         if loss_index is not None and labels is None:
             raise ValueError("loss_index selects where the loss is computed: pass labels with it")
-        if decoder_input is None and self.pre_process:
-            decoder_input = self.embedding(input_ids=input_ids, position_ids=None)
-        if self._rope_in_core:
-            attention_mask, rotary = self._layout_with_positions(attention_mask, position_ids), None
-        else:
-            rotary = self.sdar_rotary(position_ids)
-        hidden = self.decoder(
-            hidden_states=decoder_input, attention_mask=attention_mask, rotary_pos_emb=rotary
-        )
+        hidden = self.decode(input_ids, position_ids, attention_mask, decoder_input, layout_host)
         if not self.post_process:
             return hidden
         if loss_index is not None:
             return self.selected_output(hidden, labels, loss_index)
         return self.noised_half_output(hidden, labels)
 
+    def decode(
+        self,
+        input_ids: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        layout: torch.Tensor,
+        decoder_input: torch.Tensor | None = None,
+        layout_host: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """This stage's decoder output ``[2L, b, h]`` over the whole ``[x_t ; x_0]`` sequence (the
+        last stage's includes the final norm); checks read the clean half ``[L:]`` from it."""
+        if decoder_input is None and self.pre_process:
+            decoder_input = self.embedding(input_ids=input_ids, position_ids=None)
+        if self._rope_in_core:
+            attention_mask, rotary = self._layout_with_positions(layout, position_ids), None
+        else:
+            attention_mask, rotary = layout, self.sdar_rotary(position_ids)
+        if layout_host is not None:  # what is planned on the host (the split plan) reads this copy
+            self.mask_cache.set_host_copy(attention_mask, layout_host)
+        return self.decoder(hidden_states=decoder_input, attention_mask=attention_mask, rotary_pos_emb=rotary)
+
     def _layout_with_positions(self, layout: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """``[b, 3, L]``: the layout plus the clean positions (the noised copy repeats them).
 
-        The same layout and position tensors give the same tensor back, so repeated forwards of one
-        micro-batch share the masks and RoPE tables cached per layout.
+        The same layout and position tensors (:func:`~megatron_sdar.attention.cache.tensor_key`) give
+        the same tensor back, so repeated forwards of one micro-batch share the masks and RoPE tables
+        cached per layout.
         """
-        if layout is None or layout.dim() != 3 or layout.shape[1] != 2:
+        if layout is None or layout.dim() != 3 or layout.shape[1] != LAYOUT_ROWS:
             shape = None if layout is None else list(layout.shape)
             raise ValueError(
                 f"SDARModel needs the [batch, 2, L] layout tensor as attention_mask, got {shape}"
@@ -104,22 +122,9 @@ class SDARModel(RoPEInCoreModel):
                 f"position_ids cover {list(position_ids.shape)} but the layout describes "
                 f"{layout.shape[0]} rows x 2 x {seq} tokens"
             )
-        memo = self._last_layout
-        if (
-            memo is not None
-            and memo[0] is layout
-            and memo[1] is position_ids
-            and memo[2] == (layout._version, position_ids._version)
-        ):
-            return memo[3]
-        positions = position_ids[:, :seq].to(layout.dtype).unsqueeze(1)
-        combined = torch.cat([layout, positions], dim=1)
-        for cache in self._mask_caches:  # the loader's host copy of the layout serves both tensors
-            host = cache.host_copy(layout)
-            if host is not None:
-                cache.set_host_copy(combined, host)
-        self._last_layout = (layout, position_ids, (layout._version, position_ids._version), combined)
-        return combined
+        return self._layouts.get(
+            (layout, position_ids), (), lambda: layout_with_positions(layout, position_ids[:, :seq])
+        )[0]
 
     def noised_half_output(self, hidden: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Output layer and loss on the noised half ``hidden[:L]`` only.

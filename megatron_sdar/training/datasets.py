@@ -44,16 +44,7 @@ class SDARSampleDataset(torch.utils.data.Dataset):
         batch = build_sdar_batch(
             sample["tokens"][None], sample["doc_ids"][None], sample["eligible"][None], self.config, gen
         )
-        return {
-            "input_ids": batch.input_ids[0],
-            "position_ids": batch.position_ids[0],
-            "layout": batch.layout[0],
-            "labels": batch.labels[0],
-            "eligible": batch.eligible[0],
-            "masked": batch.masked[0],
-            "mask_prob": batch.mask_prob[0],
-            "t": batch.t[0],
-        }
+        return batch.sample(0)
 
 
 def clean_window(dataset: Any, idx: int) -> dict[str, torch.Tensor]:
@@ -62,10 +53,12 @@ def clean_window(dataset: Any, idx: int) -> dict[str, torch.Tensor]:
     Documents are delimited by the end-of-document token; padding Megatron adds to a short final
     window is not eligible and forms a document of its own.
     """
-    text, _, _ = dataset._query_document_sample_shuffle_indices(idx)
+    from megatron_sdar import compat
+
+    text, pad_token_id = compat.gpt_dataset_window(dataset, idx)
     eod = dataset.config.tokenizer.eod
     tokens = torch.from_numpy(np.asarray(text, dtype=np.int64))
-    pad = tokens == dataset._pad_token_id
+    pad = tokens == pad_token_id
     tokens = torch.where(pad, torch.full_like(tokens, eod), tokens)
     doc_ids = document_ids_from_eod(tokens[None], eod)[0].to(torch.int64)
     doc_ids = torch.where(pad, doc_ids.max() + 1, doc_ids)
@@ -159,7 +152,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
         real, mock = _sdar_gpt_dataset_classes()
         print_rank_0("> building SDAR CPT datasets ...")
         # Every rank builds (the builder lets rank 0 write the index caches first) and reads its own
-        # copy of each micro-batch: see get_sdar_batch.
+        # copy of each micro-batch: see training.step.SDARBatchReader.
         datasets = BlendedMegatronDatasetBuilder(
             mock if args.mock_data else real, train_val_test_num_samples, lambda: True, gpt_config
         ).build()

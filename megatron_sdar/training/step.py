@@ -1,43 +1,58 @@
-"""The training step Megatron runs per micro-batch: the host-to-device copy of the batch, the
-tensor-parallel agreement check, the forward pass and the loss function, for both objectives.
+"""The training step Megatron runs per micro-batch, and the state it keeps between micro-batches.
+
+:class:`SDARForwardStep` is Megatron's ``forward_step_func``. It owns what it carries from one
+micro-batch to the next: an :class:`SDARBatchReader` (the host-to-device copy, which hands back the
+previous device tensors when a micro-batch repeats the packing, so the model's masks are reused, and
+the once-per-iterator tensor-parallel agreement check) and the data-token throughput meter.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
 import torch
 
+from megatron_sdar.attention.cache import tensor_key
+from megatron_sdar.batch import BATCH_FIELDS, BatchField, SDARBatch, check_batch_shapes
 from megatron_sdar.loss import sdar_loss
 from megatron_sdar.training.arguments import output_on_masked
-from megatron_sdar.training.throughput import METER, REPORT_KEY
-
-SDAR_KEYS = ("input_ids", "position_ids", "layout", "labels", "eligible", "masked", "mask_prob", "t")
+from megatron_sdar.training.throughput import REPORT_KEY, ThroughputMeter
 
 
-_AGREEMENT_CHECKED = weakref.WeakSet()
+class IteratorsSeen:
+    """Which data iterators were seen, remembered without relying on ``id`` (which a new object may
+    reuse once the old one is gone): by weak reference, or kept alive where that is impossible."""
 
-_AGREEMENT_CHECKED_PLAIN: dict[int, Any] = {}  # iterators without weak references, kept alive
+    def __init__(self) -> None:
+        self._weak: weakref.WeakSet = weakref.WeakSet()
+        self._plain: dict[int, Any] = {}  # iterators without weak references (e.g. a list iterator)
+
+    def first_time(self, iterator: Any) -> bool:
+        """Whether ``iterator`` is seen here for the first time (and remember it)."""
+        try:
+            if iterator in self._weak:
+                return False
+            self._weak.add(iterator)
+        except TypeError:
+            if id(iterator) in self._plain:
+                return False
+            self._plain[id(iterator)] = iterator
+        return True
 
 
-def _first_batch_of(iterator: Any) -> bool:
-    """Whether ``iterator`` is seen here for the first time (an iterator is remembered without
-    relying on ``id``, which a new object may reuse once the old one is gone)."""
-    try:
-        if iterator in _AGREEMENT_CHECKED:
-            return False
-        _AGREEMENT_CHECKED.add(iterator)
-    except TypeError:  # e.g. a list iterator: keep it alive so that its id stays its own
-        if id(iterator) in _AGREEMENT_CHECKED_PLAIN:
-            return False
-        _AGREEMENT_CHECKED_PLAIN[id(iterator)] = iterator
-    return True
+def batch_digest(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A few numbers that differ when two ranks hold different micro-batches: every field's sum and a
+    position-weighted token sum (float64 holds these sums exactly at any realistic size)."""
+    sums = [batch[f.name].to(torch.float64).sum() for f in BATCH_FIELDS]
+    weighted = (batch["input_ids"] * batch["position_ids"]).sum().to(torch.float64)
+    return torch.stack([*sums, weighted])
 
 
-def _check_tensor_parallel_agreement(batch: dict[str, torch.Tensor], iterator: Any) -> None:
-    """Once per data iterator: every TP rank read the same micro-batch (one host read).
+def check_tensor_parallel_agreement(batch: Mapping[str, torch.Tensor]) -> None:
+    """Every TP rank read the same micro-batch (one small all-reduce pair).
 
     Each rank reads its own copy of the data; samples and noise depend on ``(seed, split, index)``
     only, so a disagreement means a dataset that is not deterministic, which would train each
@@ -45,12 +60,9 @@ def _check_tensor_parallel_agreement(batch: dict[str, torch.Tensor], iterator: A
     """
     from megatron.core import parallel_state
 
-    if parallel_state.get_tensor_model_parallel_world_size() == 1 or not _first_batch_of(iterator):
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
         return
-    digest = torch.stack(
-        [batch["input_ids"].sum(), (batch["input_ids"] * batch["position_ids"]).sum(),
-         batch["layout"].to(torch.int64).sum(), batch["masked"].sum()]
-    )  # fmt: skip
+    digest = batch_digest(batch)
     low, high = digest.clone(), digest.clone()
     group = parallel_state.get_tensor_model_parallel_group()
     torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN, group=group)
@@ -62,121 +74,106 @@ def _check_tensor_parallel_agreement(batch: dict[str, torch.Tensor], iterator: A
         )
 
 
-# The fields the masks and RoPE tables are built from, and their device dtypes.
-REUSED_KEYS = {"layout": torch.int32, "position_ids": torch.int64}
-
-_LAST: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor, int]] = {}
-
-
-def _reused(key: str, host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The previous micro-batch's device tensor when ``host`` repeats its contents, else a new copy.
-
-    Masks and RoPE tables are cached per device tensor, so windows with the same packing (for
-    example windows inside one long document) share them instead of rebuilding them per
-    micro-batch. Comparing on the host costs no device synchronisation.
-    """
-    last = _LAST.get((key, device))
-    if (
-        last is not None
-        and last[1]._version == last[2]
-        and last[0].shape == host.shape
-        and last[0].dtype == host.dtype
-        and torch.equal(last[0], host)
-    ):
-        return last[1]
-    tensor = host.to(device=device, dtype=REUSED_KEYS[key], non_blocking=True)
-    _LAST[(key, device)] = (host, tensor, tensor._version)
-    return tensor
-
-
-def get_sdar_batch(
-    data_iterator,
-    device: torch.device,
-    micro_batch_size: int,
-    seq_length: int,
-    loss_index: bool = False,
-) -> dict:
-    """The next SDAR micro-batch on ``device``; with ``loss_index``, also the masked positions for
-    :meth:`~megatron_sdar.model.SDARModel.selected_output`.
+class SDARBatchReader:
+    """Reads SDAR micro-batches from a data iterator onto a device.
 
     Every rank reads its own copy from its data loader (the dataset is built on every rank), so
     nothing is broadcast, and the index of masked positions is built on the host from the loader's
     (pinned) tensors and copied without a device synchronisation, at any tensor-parallel size. The
-    layout and positions come back as the previous micro-batch's tensors when they repeat, so
-    their masks are not rebuilt.
+    fields masks and RoPE tables are derived from (``BatchField.reused``) come back as the previous
+    micro-batch's device tensors when their contents repeat (compared on the host, no device
+    synchronisation), so windows with the same packing share their masks instead of rebuilding
+    them. The first micro-batch of each iterator is checked to agree across tensor-parallel ranks.
     """
-    b, n = micro_batch_size, seq_length
-    shapes = {
-        "input_ids": ((b, 2 * n), torch.int64),
-        "position_ids": ((b, 2 * n), torch.int64),
-        "layout": ((b, 2, n), torch.int32),
-        "labels": ((b, n), torch.int64),
-        "eligible": ((b, n), torch.bool),
-        "masked": ((b, n), torch.bool),
-        "mask_prob": ((b, n), torch.float32),
-        "t": ((b, n), torch.float32),
-    }
-    if data_iterator is None:
-        raise RuntimeError("this rank has no data iterator; the SDAR datasets are built on every rank")
-    host = next(data_iterator)
-    for key, (shape, _) in shapes.items():
-        if tuple(host[key].shape) != shape:
-            raise ValueError(
-                f"micro-batch field {key!r} has shape {list(host[key].shape)}, expected {list(shape)} "
-                f"from --micro-batch-size {b} and --seq-length {n}"
-            )
-    out = {
-        key: _reused(key, host[key], device)
-        if key in REUSED_KEYS
-        else host[key].to(device=device, dtype=dtype, non_blocking=True)
-        for key, (_, dtype) in shapes.items()
-    }
-    if host["layout"].device.type == "cpu":  # what is planned on the host reads this copy
-        from megatron_sdar.attention.cache import MASK_CACHE
 
-        MASK_CACHE.set_host_copy(out["layout"], host["layout"])
-    if loss_index:
-        from megatron_sdar.model.sdar import masked_loss_index
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor, tuple]] = {}
+        self._checked = IteratorsSeen()
 
-        index = masked_loss_index(host["masked"].to(torch.bool))
-        if device.type == "cuda" and index.device.type == "cpu":
-            index = index.pin_memory()
-        out["loss_index"] = index.to(device, non_blocking=True)
-    _check_tensor_parallel_agreement(out, data_iterator)
-    return out
+    def _to_device(self, field: BatchField, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if not field.reused:
+            return host.to(device=device, dtype=field.dtype, non_blocking=True)
+        last = self._last.get((field.name, device))
+        if (
+            last is not None
+            and tensor_key(last[1]) == last[2]  # the device tensor is as it was copied
+            and last[0].shape == host.shape
+            and last[0].dtype == host.dtype
+            and torch.equal(last[0], host)
+        ):
+            return last[1]
+        tensor = host.to(device=device, dtype=field.dtype, non_blocking=True)
+        self._last[(field.name, device)] = (host, tensor, tensor_key(tensor))
+        return tensor
+
+    def read(
+        self,
+        data_iterator: Any,
+        device: torch.device,
+        micro_batch_size: int,
+        seq_length: int,
+        loss_index: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """The next micro-batch on ``device``: every :class:`~megatron_sdar.batch.SDARBatch` field,
+        ``layout_host`` (the loader's CPU copy of the layout, for what is planned on the host) and,
+        with ``loss_index``, the masked positions for
+        :meth:`~megatron_sdar.model.SDARModel.selected_output`."""
+        if data_iterator is None:
+            raise RuntimeError("this rank has no data iterator; the SDAR datasets are built on every rank")
+        host = next(data_iterator)
+        check_batch_shapes(host, micro_batch_size, seq_length)
+        out = {f.name: self._to_device(f, host[f.name], device) for f in BATCH_FIELDS}
+        if host["layout"].device.type == "cpu":
+            out["layout_host"] = host["layout"]
+        if loss_index:
+            from megatron_sdar.model.sdar import masked_loss_index
+
+            index = masked_loss_index(host["masked"].to(torch.bool))
+            if device.type == "cuda" and index.device.type == "cpu":
+                index = index.pin_memory()
+            out["loss_index"] = index.to(device, non_blocking=True)
+        if self._checked.first_time(data_iterator):
+            check_tensor_parallel_agreement(out)
+        return out
 
 
-def forward_step(data_iterator, model) -> tuple[torch.Tensor, Any]:
-    """Megatron forward step for both objectives."""
-    from megatron.core import parallel_state
-    from megatron.training import get_args, get_timers
+class SDARForwardStep:
+    """Megatron's ``forward_step_func`` for both objectives (``pretrain_sdar.py`` makes one per run)."""
 
-    from megatron_sdar.batch import SDARBatch
+    def __init__(self) -> None:
+        self.reader = SDARBatchReader()
+        self.meter = ThroughputMeter()
 
-    args = get_args()
-    timers = get_timers()
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
-    timers("batch-generator", log_level=2).start()
-    selected = args.sdar_objective == "sdar" and output_on_masked(args)
-    data = get_sdar_batch(data_iterator, device, args.micro_batch_size, args.seq_length, loss_index=selected)
-    timers("batch-generator").stop()
-    batch = SDARBatch(**{k: data[k] for k in SDAR_KEYS})
-    throughput = METER.report(
-        batch.labels.numel(), model.training, device, parallel_state.get_data_parallel_world_size()
-    )
-    if args.sdar_objective == "ar":
-        output, loss_fn = ar_forward(model, batch)
-    else:
-        output = model(
-            batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels,
-            loss_index=data.get("loss_index"),
-        )  # fmt: skip
-        loss_fn = partial(sdar_loss, batch=batch, normalizer=args.sdar_loss_normalizer)
-    return output, partial(_with_throughput, loss_fn, throughput)
+    def __call__(self, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
+        from megatron.core import parallel_state
+        from megatron.training import get_args, get_timers
+
+        args = get_args()
+        timers = get_timers()
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+        timers("batch-generator", log_level=2).start()
+        selected = args.sdar_objective == "sdar" and output_on_masked(args)
+        data = self.reader.read(
+            data_iterator, device, args.micro_batch_size, args.seq_length, loss_index=selected
+        )
+        timers("batch-generator").stop()
+        batch = SDARBatch.from_mapping(data)
+        throughput = self.meter.report(
+            batch.labels.numel(), model.training, device, parallel_state.get_data_parallel_world_size()
+        )
+        if args.sdar_objective == "ar":
+            output, loss_fn = ar_forward(model, batch)
+        else:
+            output = model(
+                batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels,
+                loss_index=data.get("loss_index"), layout_host=data.get("layout_host"),
+            )  # fmt: skip
+            loss_fn = partial(sdar_loss, batch=batch, normalizer=args.sdar_loss_normalizer)
+        return output, partial(_with_throughput, loss_fn, throughput)
 
 
 def _with_throughput(loss_fn, throughput: torch.Tensor, output: torch.Tensor):

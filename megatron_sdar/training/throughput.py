@@ -48,6 +48,3 @@ class ThroughputMeter:
         if device.type == "cuda":
             return values.pin_memory().to(device, non_blocking=True)
         return values.to(device)
-
-
-METER = ThroughputMeter()
