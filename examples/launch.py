@@ -4,6 +4,10 @@
     python examples/launch.py --model qwen3-8b --stage cpt --nodes 2 --dry-run \\
         --init-from ckpt/qwen3-8b --data-path data/corpus_text_document --save runs/qwen3-8b-cpt
     python examples/launch.py --model qwen3-30b-a3b --stage sft --nodes 4 --print-args ...   # for sbatch
+    # fine-tune a released SDAR checkpoint (converted with tools/convert_hf_to_mcore.py
+    # --hf-dir SDAR-30B-A3B-Chat --save ckpt/sdar-30b-a3b --expert-model-parallel-size 8)
+    python examples/launch.py --model qwen3-30b-a3b --stage sft --nodes 4 --init-from ckpt/sdar-30b-a3b \\
+        --data-path data/chat_sft --save runs/sdar-30b-a3b-sft
 
 The recipe follows the paper: CPT with block size 4 on 4096-token windows, SFT on packed chat
 windows (block size 4 by default; 4-64 supported). Each model has a layout per node count (tensor,
@@ -12,15 +16,26 @@ theoretical estimator gives for it (weights, optimizer, activations over the 2L 
 
 Resume is automatic: when ``--save`` already holds a checkpoint the run continues from it (so a
 requeued SLURM job picks up where it stopped); otherwise it starts from ``--init-from`` (a
-checkpoint written by ``tools/convert_hf_to_mcore.py``) with ``--finetune``.
+checkpoint written by ``tools/convert_hf_to_mcore.py``) with ``--finetune``, which must hold a
+checkpoint by then (refused before launching otherwise, dry runs included).
+
+The converter records the model it read in ``sdar_architecture.json`` beside the checkpoint. When
+``--init-from`` has one, its block size and mask token id (those of a released SDAR model) are the
+defaults for ``--block-size`` and ``--mask-token-id`` (explicit flags still win), and a checkpoint
+converted from a different model than ``--model`` (layers, widths, heads, experts) is refused early.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megatron_sdar.conversion.architecture import Architecture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QWEN3_COMMON = [
@@ -56,6 +71,7 @@ MODELS = {
                  4: dict(tp=1, pp=1, ep=8, mbs=1)}, tied=False,
     ),
 }  # fmt: skip
+DEFAULT_MASK_TOKEN_ID = 151669  # Qwen3's first unused vocabulary row
 STAGES = {
     "cpt": dict(seq=4096, block=4, lr=1e-5, min_lr=1e-6, gbs=256, iters=10000, decay="cosine"),
     "sft": dict(seq=4096, block=4, lr=1e-5, min_lr=1e-5, gbs=128, iters=3000, decay="constant"),
@@ -75,11 +91,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="HF tokenizer directory (default: --init-from/tokenizer)")
     p.add_argument("--save", required=True, help="checkpoints and logs (shared storage)")
     p.add_argument("--seq-length", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument(
+        "--block-size", type=int, default=None,
+        help="default: the one --init-from's sdar_architecture.json records, else the stage's (4)",
+    )  # fmt: skip
     p.add_argument("--global-batch-size", type=int, default=None)
     p.add_argument("--train-iters", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--mask-token-id", type=int, default=151669)
+    p.add_argument(
+        "--mask-token-id", type=int, default=None,
+        help="default: the one --init-from's sdar_architecture.json records, else "
+        f"{DEFAULT_MASK_TOKEN_ID}",
+    )  # fmt: skip
     p.add_argument("--wandb-project", default=None)
     p.add_argument("--dry-run", action="store_true", help="print the torchrun command and memory, do not run")
     p.add_argument("--print-args", action="store_true", help="print only pretrain_sdar.py's arguments")
@@ -99,15 +122,112 @@ def has_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt"))
 
 
+def recorded_architecture(init_from: str | None) -> Architecture | None:
+    """The architecture ``tools/convert_hf_to_mcore.py`` recorded beside ``init_from`` (``None`` when
+    there is no such file, e.g. a checkpoint written by training)."""
+    if not init_from:
+        return None
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from megatron_sdar.conversion.architecture import Architecture
+    from megatron_sdar.conversion.megatron import ARCHITECTURE_FILE
+
+    path = os.path.join(init_from, ARCHITECTURE_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return Architecture(**json.load(f)["architecture"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"error: cannot read the architecture recorded in {path}: {err}") from None
+
+
+def model_shape(model: str) -> dict:
+    """What ``--model``'s flags fix about the weights, named as the recorded architecture names it."""
+    flags = MODELS[model]["arch"] + QWEN3_COMMON
+
+    def value(flag: str, default: str = "0") -> str:
+        return flags[flags.index(flag) + 1] if flag in flags else default
+
+    shape = {
+        "num_layers": int(value("--num-layers")), "hidden_size": int(value("--hidden-size")),
+        "ffn_hidden_size": int(value("--ffn-hidden-size")),
+        "num_attention_heads": int(value("--num-attention-heads")),
+        "num_query_groups": int(value("--num-query-groups")), "kv_channels": int(value("--kv-channels")),
+        "num_experts": int(value("--num-experts")),
+        "tied_embeddings": "--untie-embeddings-and-output-weights" not in flags,
+        "qk_layernorm": "--qk-layernorm" in flags,
+        "rotary_base": float(value("--rotary-base")), "norm_epsilon": float(value("--norm-epsilon")),
+    }  # fmt: skip
+    if shape["num_experts"]:
+        shape["moe_ffn_hidden_size"] = int(value("--moe-ffn-hidden-size"))
+        shape["moe_router_topk"] = int(value("--moe-router-topk"))
+        shape["moe_norm_topk_prob"] = "--moe-router-pre-softmax" not in flags
+    return shape
+
+
+def _describe(field: str, value: object) -> str:
+    words = {
+        "num_layers": f"{value} layers", "hidden_size": f"hidden size {value}",
+        "ffn_hidden_size": f"FFN hidden size {value}", "num_attention_heads": f"{value} attention heads",
+        "num_query_groups": f"{value} query groups", "kv_channels": f"head size {value}",
+        "num_experts": f"{value} experts" if value else "no experts",
+        "moe_ffn_hidden_size": f"expert FFN hidden size {value}", "moe_router_topk": f"top-{value} routing",
+        "moe_norm_topk_prob": "top-k weights renormalised" if value else "top-k weights not renormalised",
+        "tied_embeddings": "tied embeddings" if value else "untied embeddings",
+        "qk_layernorm": "QK layernorm" if value else "no QK layernorm",
+        "rotary_base": f"RoPE base {value:.0f}", "norm_epsilon": f"norm epsilon {value:g}",
+    }  # fmt: skip
+    return words[field]
+
+
+def shape_mismatches(model: str, arch: Architecture) -> list[tuple[str, str]]:
+    """``(recorded, --model's)`` descriptions of every field where ``arch`` and ``model`` differ."""
+    out = []
+    for field, mine in model_shape(model).items():
+        if field.startswith("moe_") and not arch.num_experts:
+            continue  # already told by the expert counts
+        recorded = getattr(arch, field)
+        if isinstance(mine, float) and recorded is not None:
+            recorded = float(recorded)
+        if recorded != mine:
+            out.append((_describe(field, recorded), _describe(field, mine)))
+    return out
+
+
+def check_init_architecture(args: argparse.Namespace, arch: Architecture) -> None:
+    """Refuse an ``--init-from`` converted from another model than ``--model``."""
+    mismatches = shape_mismatches(args.model, arch)
+    if not mismatches:
+        return
+    fits = [name for name in sorted(MODELS) if not shape_mismatches(name, arch)]
+    hint = f"use --model {fits[0]}" if fits else "no --model here has that architecture"
+    raise SystemExit(
+        f"error: {args.init_from} was converted from a model with "
+        f"{', '.join(recorded for recorded, _ in mismatches)}; --model {args.model} has "
+        f"{', '.join(mine for _, mine in mismatches)} ({hint})"
+    )
+
+
+def _first_given(*values):
+    return next(v for v in values if v is not None)
+
+
 def pretrain_args(args: argparse.Namespace) -> list[str]:
     model, stage = MODELS[args.model], STAGES[args.stage]
+    arch = recorded_architecture(args.init_from)
+    if arch is not None:
+        check_init_architecture(args, arch)
+    recorded_block = arch.block_size if arch is not None else None
+    recorded_mask = arch.mask_token_id if arch is not None else None
     lay = layout_for(args.model, args.nodes)
     world = args.nodes * args.gpus_per_node
     model_parallel = lay["tp"] * lay["pp"]
     if world % model_parallel:
         raise SystemExit(f"error: {world} GPUs do not divide into TP x PP = {model_parallel}")
     seq = args.seq_length or stage["seq"]
-    block = args.block_size or stage["block"]
+    block = _first_given(args.block_size, recorded_block, stage["block"])
+    mask_token_id = _first_given(args.mask_token_id, recorded_mask, DEFAULT_MASK_TOKEN_ID)
     if seq % block:
         raise SystemExit(f"error: --seq-length {seq} is not a multiple of the block size {block}")
     tokenizer = args.tokenizer or (os.path.join(args.init_from, "tokenizer") if args.init_from else None)
@@ -116,6 +236,17 @@ def pretrain_args(args: argparse.Namespace) -> list[str]:
     if has_checkpoint(args.save):
         start = ["--load", args.save]  # resume (requeue)
     elif args.init_from:
+        if not os.path.isdir(args.init_from):
+            raise SystemExit(
+                f"error: --init-from {args.init_from} does not exist; convert a HF model into it first "
+                f"(tools/convert_hf_to_mcore.py --hf-dir MODEL --save {args.init_from})"
+            )
+        if not has_checkpoint(args.init_from):
+            raise SystemExit(
+                f"error: --init-from {args.init_from} holds no Megatron checkpoint (no "
+                "latest_checkpointed_iteration.txt); pass the --save folder of tools/convert_hf_to_mcore.py "
+                "or of an earlier run"
+            )
         start = ["--load", args.init_from, "--finetune"]
     else:
         raise SystemExit(f"error: {args.save} holds no checkpoint to resume; pass --init-from")
@@ -137,7 +268,7 @@ def pretrain_args(args: argparse.Namespace) -> list[str]:
         "--log-interval", "10", "--tensorboard-dir", os.path.join(args.save, "tensorboard"),
         "--exit-signal-handler", "--ckpt-format", "torch_dist",
         "--sdar-stage", args.stage, "--sdar-block-size", str(block),
-        "--sdar-mask-token-id", str(args.mask_token_id),
+        "--sdar-mask-token-id", str(mask_token_id),
         *start,
     ]  # fmt: skip
     if lay["tp"] > 1:

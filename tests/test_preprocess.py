@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +158,173 @@ def test_dtype_follows_vocabulary(tmp_path, sp_model):
 def test_missing_tokenizer_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         load_tokenizer(str(tmp_path / "nope"))
+
+
+def train_sentencepiece(tmp_path: Path, name: str = "tiny", **options) -> str:
+    """A tiny SentencePiece model trained on a few lines written under ``tmp_path``."""
+    import sentencepiece as spm
+
+    corpus = tmp_path / f"{name}.txt"
+    words = "alpha beta gamma delta documents tokens words lines model small text the of and"
+    corpus.write_text("\n".join(" ".join(words.split()[i:] + words.split()[:i]) for i in range(14)) + "\n")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / name), vocab_size=48, model_type="bpe",
+        minloglevel=2, **options,
+    )  # fmt: skip
+    return str(tmp_path / f"{name}.model")
+
+
+def megatron_args(src: Path, tokenizer_type: str, model: str, prefix: Path, *more: str) -> list[str]:
+    return ["--input", str(src), "--json-keys", "text", "--tokenizer-type", tokenizer_type,
+            "--tokenizer-model", model, "--output-prefix", str(prefix), "--quiet", *more]  # fmt: skip
+
+
+DOCS = [{"text": "hello world"}, {"text": "the quick brown fox"}, {"text": "more documents and text"}]
+
+
+def dataset_bytes(prefix: Path) -> tuple[bytes, bytes]:
+    name = f"{prefix}_text_document"
+    return Path(name + ".bin").read_bytes(), Path(name + ".idx").read_bytes()
+
+
+def test_megatron_spelling_writes_the_same_bytes_as_tokenizer(tmp_path, hf_dir):
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, DOCS)
+    ours = ["--input", str(src), "--tokenizer", hf_dir, "--output-prefix", str(tmp_path / "ours"), "--quiet"]
+    preprocess_data.main(ours)
+    for name, more in [
+        ("m1", ["--append-eod", "--workers", "1"]),
+        ("m2", ["--append-eod", "--workers", "2"]),
+    ]:
+        preprocess_data.main(megatron_args(src, "HuggingFaceTokenizer", hf_dir, tmp_path / name, *more))
+        assert dataset_bytes(tmp_path / name) == dataset_bytes(tmp_path / "ours")
+    # --tokenizer and --tokenizer-model naming the same directory agree
+    preprocess_data.main(
+        megatron_args(src, "HuggingFaceTokenizer", hf_dir + "/", tmp_path / "both", "--append-eod")
+        + ["--tokenizer", hf_dir]
+    )
+    assert dataset_bytes(tmp_path / "both") == dataset_bytes(tmp_path / "ours")
+    tok = load_tokenizer(hf_dir)
+    assert read_docs(str(tmp_path / "ours_text_document")) == [
+        tok.encode(d["text"]) + [tok.eod_id] for d in DOCS
+    ]
+
+
+def test_sentencepiece_tokenizer_type_ends_documents_with_eod(tmp_path):
+    import sentencepiece as spm
+
+    model = train_sentencepiece(tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=model)
+    assert sp.eos_id() >= 0
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, DOCS)
+    summary = preprocess_data.main(
+        megatron_args(src, "SentencePieceTokenizer", model, tmp_path / "sp", "--append-eod")
+    )
+    docs = read_docs(str(tmp_path / "sp_text_document"))
+    assert summary["documents"] == len(DOCS) == len(docs)
+    assert all(doc[-1] == sp.eos_id() and sp.eos_id() not in doc[:-1] for doc in docs)
+    assert docs == [sp.encode(d["text"]) + [sp.eos_id()] for d in DOCS]
+    preprocess_data.main(
+        ["--input", str(src), "--tokenizer", model, "--output-prefix", str(tmp_path / "ours"), "--quiet"]
+    )
+    assert dataset_bytes(tmp_path / "sp") == dataset_bytes(tmp_path / "ours")
+    # the type names the format, so a model file without the .model suffix is read too
+    renamed = tmp_path / "tokenizer.spm"
+    renamed.write_bytes(Path(model).read_bytes())
+    preprocess_data.main(
+        megatron_args(src, "SentencePieceTokenizer", str(renamed), tmp_path / "renamed", "--append-eod")
+    )
+    assert dataset_bytes(tmp_path / "renamed") == dataset_bytes(tmp_path / "ours")
+
+
+def test_sentencepiece_model_without_eod_is_refused(tmp_path):
+    model = train_sentencepiece(tmp_path, "noeos", eos_id=-1)
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, DOCS)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"^error: .*noeos.model has no end-of-document piece"):
+        preprocess_data.main(megatron_args(src, "SentencePieceTokenizer", model, out / "o", "--append-eod"))
+    with pytest.raises(SystemExit, match=r"^error: end-of-document token '<unk>' .*unknown piece"):
+        preprocess_data.main(
+            megatron_args(src, "SentencePieceTokenizer", model, out / "o", "--append-eod")
+            + ["--eod-token", "<unk>"]
+        )
+    assert not out.exists()
+
+
+# the tokenizer options of each refused command ({hf}/{sp}: a HF directory / SentencePiece model,
+# {tmp}: the test's folder) and what the error must say
+REFUSALS = {
+    "no --append-eod": (
+        "--tokenizer-type HuggingFaceTokenizer --tokenizer-model {hf}",
+        r"--append-eod is missing: SDAR's document masks .* end-of-document token",
+    ),
+    "no --append-eod, model only": ("--tokenizer-model {sp}", r"--append-eod is missing"),
+    "disagreeing paths": (
+        "--tokenizer {sp} --tokenizer-type HuggingFaceTokenizer --tokenizer-model {hf} --append-eod",
+        r"--tokenizer .* and --tokenizer-model .* name different tokenizers",
+    ),
+    "GPT2BPETokenizer": (
+        "--tokenizer-type GPT2BPETokenizer --vocab-file vocab.json --merge-file merges.txt --append-eod",
+        r"GPT2BPETokenizer is not supported; this tool reads HuggingFaceTokenizer .* SentencePieceTokenizer",
+    ),
+    "Llama2Tokenizer": (
+        "--tokenizer-type Llama2Tokenizer --tokenizer-model {sp} --append-eod",
+        r"Llama2Tokenizer is not supported; this tool reads HuggingFaceTokenizer .* SentencePieceTokenizer",
+    ),
+    "vocab file with a supported type": (
+        "--tokenizer-type HuggingFaceTokenizer --tokenizer-model {hf} --vocab-file vocab.json --append-eod",
+        r"--vocab-file is not used",
+    ),
+    "missing model": (
+        "--tokenizer-type HuggingFaceTokenizer --tokenizer-model {tmp}/absent --append-eod",
+        r"--tokenizer-model .*absent does not exist.*nothing is downloaded",
+    ),
+    "HF type, SentencePiece file": (
+        "--tokenizer-type HuggingFaceTokenizer --tokenizer-model {sp} --append-eod",
+        r"HuggingFaceTokenizer reads a HF tokenizer directory, and .* is a file",
+    ),
+    "SentencePiece type, HF directory": (
+        "--tokenizer-type SentencePieceTokenizer --tokenizer-model {hf} --append-eod",
+        r"SentencePieceTokenizer reads a SentencePiece model file, and .* is a directory",
+    ),
+    "no tokenizer": ("--append-eod", r"name the tokenizer with --tokenizer PATH"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_tokenizer_options_refused_before_any_output(case, tmp_path, hf_dir, sp_model):
+    options, message = REFUSALS[case]
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, DOCS)
+    out = tmp_path / "out"
+    paths = dict(hf=hf_dir, sp=sp_model, tmp=tmp_path)
+    argv = ["--input", str(src), "--output-prefix", str(out / "o"), "--quiet"]
+    argv += [word.format(**paths) for word in options.split()]
+    with pytest.raises(SystemExit) as raised:
+        preprocess_data.main(argv)
+    assert str(raised.value.code).startswith("error: ")
+    assert re.search(message, str(raised.value.code)), raised.value.code
+    assert not out.exists()
+
+
+def test_append_eod_flags_exclude_each_other_and_keep_the_tokenizer_default(tmp_path, sp_model):
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, DOCS)
+    base = ["--input", str(src), "--tokenizer", sp_model, "--quiet"]
+    with pytest.raises(SystemExit):
+        preprocess_data.main(
+            [*base, "--output-prefix", str(tmp_path / "x"), "--append-eod", "--no-append-eod"]
+        )
+    assert not list(tmp_path.glob("x*"))
+    tok = load_tokenizer(sp_model)
+    preprocess_data.main([*base, "--output-prefix", str(tmp_path / "plain")])
+    preprocess_data.main([*base, "--output-prefix", str(tmp_path / "noeod"), "--no-append-eod"])
+    preprocess_data.main(
+        megatron_args(src, "SentencePieceTokenizer", sp_model, tmp_path / "m", "--no-append-eod")
+    )
+    with_eod = [tok.encode(d["text"]) + [tok.eod_id] for d in DOCS]
+    assert read_docs(str(tmp_path / "plain_text_document")) == with_eod
+    assert read_docs(str(tmp_path / "noeod_text_document")) == [doc[:-1] for doc in with_eod]
+    assert read_docs(str(tmp_path / "m_text_document")) == [doc[:-1] for doc in with_eod]

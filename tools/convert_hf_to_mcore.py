@@ -9,8 +9,13 @@ format, which Megatron reshards on load, so it starts ``pretrain_sdar.py --finet
 tensor/pipeline layout whose divisibility rules it meets; the parallel sizes given here are checked
 and fix the vocabulary padding (``--make-vocab-size-divisible-by`` x TP). Weights are read and
 written one parameter at a time (peak memory about one parameter). Also written:
-``sdar_architecture.json`` (the architecture and the Megatron flags it implies) and the tokenizer
-files under ``tokenizer/``.
+``sdar_architecture.json`` (the architecture, the Megatron flags it implies and the weights' dtype)
+and the tokenizer files under ``tokenizer/``.
+
+Released SDAR folders (``SDARForCausalLM`` / ``SDARMoeForCausalLM``, e.g. SDAR-4B-Chat or
+SDAR-30B-A3B-Chat) convert as they are: their ``block_size`` and ``mask_token_id`` are recorded.
+The weights keep the source's dtype unless ``--dtype`` says otherwise: the config's ``dtype`` /
+``torch_dtype``, or, when the config names none, the one dtype its tensors are stored in.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "tokenizer.model", "added_tokens.json", "chat_template.jinja", "generation_config.json",
 )  # fmt: skip
-from megatron_sdar.conversion.hf import DTYPES  # noqa: E402
+from megatron_sdar.conversion.hf import DTYPES, SAFETENSORS_FLOATS  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,10 +53,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--mask-token",
         default=None,
         help="mask token: a token string (added to the tokenizer if missing) or an id (an unused "
-        "row, or the row count to add a row)",
+        "row, or the row count to add a row). Default: the config's mask_token_id (SDAR checkpoints "
+        "have one). When the config has one, a string must name that very token; an id that differs "
+        "replaces it, with a notice",
     )
-    p.add_argument("--block-size", type=int, default=None, help="SDAR block size to record")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="SDAR block size to record (default: the config's block_size; a different value "
+        "replaces it, with a notice)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="dtype of the written weights (default: the source's: the config's dtype/torch_dtype, "
+        "else the dtype its tensors are stored in)",
+    )
     p.add_argument("--overwrite", action="store_true")
     return p
 
@@ -72,7 +91,9 @@ def resolve_mask_token(hf_dir: str, value: str | None, vocab_size: int) -> tuple
         from transformers import AutoTokenizer
 
         try:
-            tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+            # SDAR folders name remote code in config.json (auto_map); the tokenizer needs none, and
+            # without trust_remote_code=False transformers would stop to ask whether to run it.
+            tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True, trust_remote_code=False)
         except Exception as err:
             msg = (
                 f"error: --mask-token {value!r} is a string but {hf_dir} has no tokenizer ({err}); "
@@ -90,6 +111,52 @@ def resolve_mask_token(hf_dir: str, value: str | None, vocab_size: int) -> tuple
             f"row below {vocab_size}, or {vocab_size} to add one)"
         )
     return token_id, added
+
+
+def choose_sdar_fields(arch, args, hf_rows: int) -> tuple[object | None, list[str]]:
+    """Settle the mask token id and block size from the config (already in ``arch``) and the flags;
+    returns the tokenizer to save if the mask token was added to it, and lines to print.
+
+    The config's values are the ones an SDAR model was trained with, so a ``--mask-token`` string
+    naming another token is refused (it would train a different row as the mask); an explicit id or
+    ``--block-size`` that differs is taken as meant and replaces the config's value, with a notice.
+    """
+    lines = []
+    sources = {"mask token id": "config.json", "block size": "config.json"}
+    configured_mask = arch.mask_token_id
+    added = None
+    if args.mask_token:
+        token_id, added = resolve_mask_token(args.hf_dir, args.mask_token, hf_rows)
+        if configured_mask is not None and token_id != configured_mask:
+            if not args.mask_token.lstrip("-").isdigit():
+                named = "not in the tokenizer" if added is not None else f"token id {token_id}"
+                raise SystemExit(
+                    f"error: --mask-token {args.mask_token!r} is {named}, but config.json's mask_token_id is "
+                    f"{configured_mask}, the row this model was trained to unmask; leave out --mask-token to "
+                    f"keep it, or pass an id to replace it deliberately"
+                )
+            lines.append(
+                f"notice: --mask-token {token_id} replaces config.json's mask_token_id {configured_mask}"
+            )
+        arch.mask_token_id = token_id
+        sources["mask token id"] = "--mask-token"
+    if args.block_size is not None:
+        if args.block_size < 1:
+            raise SystemExit(f"error: --block-size must be positive, not {args.block_size}")
+        if arch.block_size is not None and args.block_size != arch.block_size:
+            lines.append(
+                f"notice: --block-size {args.block_size} replaces config.json's block_size {arch.block_size}"
+            )
+        arch.block_size = args.block_size
+        sources["block size"] = "--block-size"
+    values = {"mask token id": arch.mask_token_id, "block size": arch.block_size}
+    lines.append(
+        "SDAR fields: "
+        + ", ".join(
+            f"{k} {v} (from {sources[k]})" if v is not None else f"{k} not set" for k, v in values.items()
+        )
+    )
+    return added, lines
 
 
 def check_layout(arch, args) -> None:
@@ -124,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from megatron_sdar.conversion.architecture import padded_vocab
-    from megatron_sdar.conversion.hf import SafetensorsReader, read_architecture
+    from megatron_sdar.conversion.hf import SafetensorsReader, default_dtype, read_architecture, read_config
     from megatron_sdar.conversion.mapping import AttentionShape, mcore_names_for_hf, mcore_param_from_hf
     from megatron_sdar.conversion.megatron import ARCHITECTURE_FILE, meta_model
     from megatron_sdar.conversion.torch_dist import checkpoint_layout, save_torch_dist
@@ -134,19 +201,25 @@ def main(argv: list[str] | None = None) -> dict:
             args.hf_dir, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
         )
         reader = SafetensorsReader(args.hf_dir)
+        stored = reader.stored_dtypes()
+        if args.dtype is None:
+            dtype_name, dtype_source = default_dtype(read_config(args.hf_dir), stored)
+        else:
+            dtype_name, dtype_source = DTYPES[args.dtype], "--dtype"
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     check_layout(arch, args)
     hf_rows = arch.vocab_size
-    added_tokenizer = None
-    if args.mask_token:
-        arch.mask_token_id, added_tokenizer = resolve_mask_token(args.hf_dir, args.mask_token, hf_rows)
-        if arch.mask_token_id == hf_rows:  # a new embedding row for the mask token
-            arch.vocab_size = hf_rows + 1
-            arch.padded_vocab_size = padded_vocab(
-                arch.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
-            )
-    arch.block_size = args.block_size or arch.block_size
+    added_tokenizer, lines = choose_sdar_fields(arch, args, hf_rows)
+    if arch.mask_token_id == hf_rows:  # a new embedding row for the mask token
+        arch.vocab_size = hf_rows + 1
+        arch.padded_vocab_size = padded_vocab(
+            arch.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+        )
+    print("\n".join(lines))
+    cast = sorted(k for k in stored if k != dtype_name and k in SAFETENSORS_FLOATS.values())
+    note = f"; the tensors stored in {', '.join(cast)} are cast to it" if cast else ""
+    print(f"dtype: {dtype_name} (from {dtype_source}){note}")
     shape = AttentionShape(arch.num_attention_heads, arch.num_query_groups, arch.kv_channels)
     try:
         wanted = set(
@@ -192,13 +265,13 @@ def main(argv: list[str] | None = None) -> dict:
             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         ),  # fmt: skip
     }
-    dtype = getattr(torch, DTYPES[args.dtype])
+    dtype = getattr(torch, dtype_name)
     try:
         path = save_torch_dist(args.save, layout, fetch, common, dtype=dtype, overwrite=args.overwrite)
     except FileExistsError as err:
         raise SystemExit(f"error: {err}") from None
     with open(os.path.join(args.save, ARCHITECTURE_FILE), "w") as f:
-        json.dump(arch.to_json(), f, indent=2)
+        json.dump({**arch.to_json(), "dtype": dtype_name, "dtype_source": dtype_source}, f, indent=2)
     copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(args.hf_dir, n))]
     if added_tokenizer is not None:
         added_tokenizer.save_pretrained(os.path.join(args.save, "tokenizer"))
@@ -208,9 +281,9 @@ def main(argv: list[str] | None = None) -> dict:
         for name in copied:
             shutil.copy2(os.path.join(args.hf_dir, name), os.path.join(args.save, "tokenizer", name))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"wrote {path} ({len(layout.chunks)} tensor chunks, {args.dtype}); peak RSS {peak_mb:.0f} MB")
+    print(f"wrote {path} ({len(layout.chunks)} tensor chunks, {dtype_name}); peak RSS {peak_mb:.0f} MB")
     print("architecture flags: " + " ".join(arch.megatron_args()))
-    return {"path": path, "architecture": arch, "peak_rss_mb": peak_mb}
+    return {"path": path, "architecture": arch, "peak_rss_mb": peak_mb, "dtype": dtype_name}
 
 
 if __name__ == "__main__":

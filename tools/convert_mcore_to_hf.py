@@ -4,12 +4,18 @@
     python tools/convert_mcore_to_hf.py --load ckpt/qwen3-sdar --save hf/qwen3-sdar            # SDAR
     python tools/convert_mcore_to_hf.py --load ckpt/qwen3-sdar --save hf/qwen3-ar --format ar  # plain
 
-``--format sdar`` (default) keeps Qwen3/Llama parameter names and writes the SDAR config fields
-(``architectures: ["SDARForCausalLM"]``, ``model_type: "sdar"``, ``block_size``,
-``mask_token_id``); ``--format ar`` writes a plain ``Qwen3ForCausalLM``/``LlamaForCausalLM`` that
-``transformers`` loads as is. The architecture comes from ``sdar_architecture.json`` next to the
-checkpoint (written by convert_hf_to_mcore.py) or, for a checkpoint written by ``pretrain_sdar.py``,
-from the Megatron arguments stored in it (its tokenizer directory is copied too).
+``--format sdar`` (default) writes what the SDAR serving stack loads: Qwen3/Qwen3-MoE/Llama
+parameter names, config.json with the released SDAR fields (``architectures``
+``SDARForCausalLM`` / ``SDARMoeForCausalLM``, ``model_type`` ``sdar`` / ``sdar_moe``, ``block_size``,
+``mask_token_id``, ``auto_map``, ...), the transformers remote-code model it points at
+(``configuration_sdar.py``, ``modeling_sdar.py``, and the ``_moe`` pair), generation_config.json with
+the block-diffusion decoding defaults, and the tokenizer with its ``mask_token`` named. So
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` loads it with transformers
+4.5x or 5.x, without this package. ``--format ar`` writes a plain ``Qwen3ForCausalLM`` /
+``Qwen3MoeForCausalLM`` / ``LlamaForCausalLM``. The architecture comes from ``sdar_architecture.json``
+next to the checkpoint (written by convert_hf_to_mcore.py) or, for a checkpoint written by
+``pretrain_sdar.py``, from the Megatron arguments stored in it (its tokenizer directory is copied too).
+Tensors keep the dtype they are stored in unless ``--dtype`` names one.
 Tensors are read one parameter at a time and written in safetensors shards with an index.
 """
 
@@ -28,13 +34,8 @@ from megatron_sdar import compat  # noqa: E402
 compat.ignore_known_warnings()  # the megatron-core / torch notices named there, nothing else
 
 from megatron_sdar.atomic import atomic_directory, refuse_to_replace  # noqa: E402
+from megatron_sdar.conversion import hf_export  # noqa: E402
 from megatron_sdar.conversion.hf import DTYPES  # noqa: E402
-
-HF_CLASSES = {
-    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
-    "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
-    "llama": ("LlamaForCausalLM", "llama"),
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", required=True, help="Megatron checkpoint directory (with the iteration tracker)")
     p.add_argument("--save", required=True)
     p.add_argument("--format", choices=["sdar", "ar"], default="sdar")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="dtype of every written tensor and of config.json torch_dtype (default: each parameter "
+        "keeps the dtype it is stored in, and torch_dtype names the dtype most weights are stored in)",
+    )
     p.add_argument("--iteration", default=None, help="iteration to convert (default: the latest)")
     p.add_argument(
         "--architecture",
@@ -69,44 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def hf_config(arch, fmt: str) -> dict:
-    cls, model_type = HF_CLASSES[arch.family]
-    config = {
-        "architectures": [cls],
-        "model_type": model_type,
-        "hidden_size": arch.hidden_size,
-        "intermediate_size": arch.ffn_hidden_size,
-        "num_hidden_layers": arch.num_layers,
-        "num_attention_heads": arch.num_attention_heads,
-        "num_key_value_heads": arch.num_query_groups,
-        "head_dim": arch.kv_channels,
-        "vocab_size": arch.vocab_size,
-        "max_position_embeddings": arch.max_position_embeddings,
-        "rms_norm_eps": arch.norm_epsilon,
-        "rope_theta": arch.rotary_base,
-        "tie_word_embeddings": arch.tied_embeddings,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "torch_dtype": "bfloat16",
-    }
-    if arch.num_experts:
-        config.update(
-            num_experts=arch.num_experts, num_experts_per_tok=arch.moe_router_topk,
-            moe_intermediate_size=arch.moe_ffn_hidden_size, norm_topk_prob=arch.moe_norm_topk_prob,
-            router_aux_loss_coef=arch.moe_aux_loss_coeff, decoder_sparse_step=1, mlp_only_layers=[],
-        )  # fmt: skip
-    if fmt == "sdar":
-        if arch.mask_token_id is None or arch.block_size is None:
-            raise SystemExit("error: --format sdar needs the mask token id and block size (record them at "
-                             "conversion or pass --mask-token-id and --block-size)")  # fmt: skip
-        config.update(
-            architectures=["SDARMoeForCausalLM" if arch.num_experts else "SDARForCausalLM"],
-            model_type="sdar", base_model_type=model_type,
-            block_size=arch.block_size, mask_token_id=arch.mask_token_id,
-        )  # fmt: skip
-    return config
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     import torch
@@ -114,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from megatron_sdar.conversion.mapping import AttentionShape, hf_params_from_mcore
     from megatron_sdar.conversion.megatron import checkpoint_architecture, meta_model, resolve_checkpoint
-    from megatron_sdar.conversion.torch_dist import checkpoint_layout, read_parameter
+    from megatron_sdar.conversion.torch_dist import checkpoint_layout, read_parameter, stored_dtypes
 
     try:
         ckpt = resolve_checkpoint(args.load, args.iteration)
@@ -123,7 +92,16 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {err}") from None
     arch.block_size = args.block_size or arch.block_size
     arch.mask_token_id = args.mask_token_id if args.mask_token_id is not None else arch.mask_token_id
-    config_json = hf_config(arch, args.format)
+    tokenizer_dir = args.tokenizer_dir or os.path.join(args.load, "tokenizer")
+    if not os.path.isdir(tokenizer_dir) and saved is not None:
+        tokenizer_dir = getattr(saved, "tokenizer_model", None) or ""
+    if args.tokenizer_dir and not os.path.isdir(args.tokenizer_dir):
+        raise SystemExit(f"error: --tokenizer-dir {args.tokenizer_dir} is not a folder")
+    try:
+        special = hf_export.special_token_ids(tokenizer_dir)
+        config_json = hf_export.hf_config(arch, args.format, "bfloat16", special)  # dtype: set below
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     try:
         refuse_to_replace(args.save, args.overwrite)
     except FileExistsError as err:
@@ -136,7 +114,22 @@ def main(argv: list[str] | None = None) -> dict:
         by_param.setdefault(chunk.param, []).append(chunk)
     shapes = {n: tuple(p.shape) for n, p in meta.named_parameters()}
     shape = AttentionShape(arch.num_attention_heads, arch.num_query_groups, arch.kv_channels)
-    dtype = getattr(torch, DTYPES[args.dtype])
+    # Each parameter keeps its stored dtype unless --dtype names one; torch_dtype names the dtype
+    # most weight elements end up in (HF casts the rest to it on load unless told otherwise).
+    stored = stored_dtypes(ckpt)
+    kept = {param: stored.get(chunks[0].key, chunks[0].dtype) for param, chunks in by_param.items()}
+    dtypes = {param: getattr(torch, DTYPES[args.dtype]) for param in kept} if args.dtype else kept
+    elements: dict[str, int] = {}
+    for param, dt in dtypes.items():
+        name = str(dt).removeprefix("torch.")
+        elements[name] = elements.get(name, 0) + torch.Size(shapes[param]).numel()
+    config_json["torch_dtype"] = max(elements, key=elements.get)
+    if len(elements) > 1:
+        mix = ", ".join(f"{n} elements in {d}" for d, n in elements.items())
+        print(
+            f"notice: the parameters are stored in several dtypes ({mix}) and are written so; "
+            f"torch_dtype names the most common, {config_json['torch_dtype']} (--dtype casts all to one)"
+        )
 
     weight_map: dict[str, str] = {}
     shard: dict[str, torch.Tensor] = {}
@@ -153,11 +146,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     with atomic_directory(args.save, overwrite=args.overwrite) as tmp:
         for param, chunks in by_param.items():
-            loaded = read_parameter(ckpt, chunks, shapes[param], chunks[0].dtype)
+            loaded = read_parameter(ckpt, chunks, shapes[param], kept[param])
             if param in ("embedding.word_embeddings.weight", "output_layer.weight"):
                 loaded = loaded[: arch.vocab_size]
             for name, tensor in hf_params_from_mcore(param, loaded, shape).items():
-                shard[name] = tensor.to(dtype).contiguous()
+                shard[name] = tensor.to(dtypes[param]).contiguous()
                 shard_bytes += tensor.numel() * tensor.element_size()
             if shard_bytes >= args.max_shard_size_mb * 2**20:
                 flush(tmp)
@@ -169,16 +162,26 @@ def main(argv: list[str] | None = None) -> dict:
                 json.dump(index, f, indent=2)
         else:
             os.replace(os.path.join(tmp, files[0]), os.path.join(tmp, "model.safetensors"))
-        config_json["torch_dtype"] = DTYPES[args.dtype]
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config_json, f, indent=2)
-        tokenizer_dir = args.tokenizer_dir or os.path.join(args.load, "tokenizer")
-        if not os.path.isdir(tokenizer_dir) and saved is not None:
-            tokenizer_dir = getattr(saved, "tokenizer_model", None) or ""
         if os.path.isdir(tokenizer_dir):
             for name in os.listdir(tokenizer_dir):
                 shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
-    print(f"wrote {args.save} ({len(weight_map)} tensors, {args.format}, {args.dtype})")
+        else:
+            print(
+                f"notice: no tokenizer found (looked in {tokenizer_dir or args.load}); pass --tokenizer-dir"
+            )
+        hf_export.write_generation_config(tmp, config_json, args.format)
+        if args.format == "sdar":
+            hf_export.write_remote_code(tmp, moe=bool(arch.num_experts))
+            if os.path.isdir(tokenizer_dir):
+                try:
+                    token = hf_export.set_mask_token(tmp, arch.mask_token_id)
+                except ValueError as err:
+                    raise SystemExit(f"error: {err}") from None
+                if token is not None:
+                    print(f"tokenizer mask token: {token!r} (id {arch.mask_token_id})")
+    print(f"wrote {args.save} ({len(weight_map)} tensors, {args.format}, {config_json['torch_dtype']})")
     return {"path": args.save, "config": config_json}
 
 

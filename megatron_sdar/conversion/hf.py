@@ -10,6 +10,11 @@ from megatron_sdar.conversion.architecture import Architecture, padded_vocab
 
 # The tools' --dtype names -> torch dtype attribute names (and HF config ``torch_dtype`` values).
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+# safetensors header dtype codes -> torch dtype attribute names (the floating-point ones)
+SAFETENSORS_FLOATS = {
+    "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
 
 
 SUPPORTED = {
@@ -21,15 +26,28 @@ SUPPORTED = {
 }
 
 
-def read_architecture(
-    hf_dir: str, make_vocab_size_divisible_by: int = 128, tensor_parallel: int = 1
-) -> Architecture:
-    """Parse ``config.json``; refuse features the converter does not implement, saying which."""
+def read_config(hf_dir: str) -> dict[str, Any]:
+    """A HF model folder's ``config.json``."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: --hf-dir must be a HF model folder")
     with open(path) as f:
-        cfg = json.load(f)
+        return json.load(f)
+
+
+def read_architecture(
+    hf_dir: str, make_vocab_size_divisible_by: int = 128, tensor_parallel: int = 1
+) -> Architecture:
+    """Parse ``config.json``; refuse features the converter does not implement, saying which.
+
+    Besides Llama/Qwen3/Qwen3-MoE configs this reads the released SDAR ones (``SDARForCausalLM`` /
+    ``SDARMoeForCausalLM``): Qwen3's fields plus ``block_size`` and ``mask_token_id``, which are
+    recorded; their remote-code and training switches (``auto_map``, ``fuse_cross_entropy``,
+    ``attn_implementation``, ``ep_size``, ``use_deepep``, ...) do not change the weights and are
+    ignored. ``sliding_window`` is a size only: sliding-window attention is in use when
+    ``use_sliding_window`` is set or ``layer_types`` lists a sliding layer, which is refused.
+    """
+    cfg = read_config(hf_dir)
     archs = cfg.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED), None)
     if arch is None:
@@ -38,7 +56,7 @@ def read_architecture(
     scaling = cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {})
     if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
         problems.append(f"rope scaling {scaling} is not implemented")
-    if cfg.get("use_sliding_window"):
+    if cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or []):
         problems.append("sliding-window attention is not implemented")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         problems.append("attention/MLP biases are not implemented")
@@ -58,6 +76,13 @@ def read_architecture(
         ]
         if missing:
             problems.append(f"the MoE config lacks {', '.join(missing)}")
+    vocab = cfg["vocab_size"]
+    mask = cfg.get("mask_token_id")
+    if mask is not None and not (isinstance(mask, int) and 0 <= mask < vocab):
+        problems.append(f"mask_token_id {mask!r} is not a row of the {vocab}-row embedding (vocab_size)")
+    block = cfg.get("block_size")
+    if block is not None and not (isinstance(block, int) and block > 0):
+        problems.append(f"block_size {block!r} is not a positive integer")
     if problems:
         raise ValueError(f"{hf_dir}: " + "; ".join(problems))
     heads = cfg["num_attention_heads"]
@@ -72,15 +97,15 @@ def read_architecture(
         num_attention_heads=heads,
         num_query_groups=kv,
         kv_channels=head_dim,
-        vocab_size=cfg["vocab_size"],
-        padded_vocab_size=padded_vocab(cfg["vocab_size"], make_vocab_size_divisible_by, tensor_parallel),
+        vocab_size=vocab,
+        padded_vocab_size=padded_vocab(vocab, make_vocab_size_divisible_by, tensor_parallel),
         rotary_base=float(theta),
         norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
         qk_layernorm=SUPPORTED[arch] in ("qwen3", "qwen3_moe"),
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-        mask_token_id=cfg.get("mask_token_id"),
-        block_size=cfg.get("block_size"),
+        mask_token_id=mask,
+        block_size=block,
         num_experts=int(cfg["num_experts"]) if moe else 0,
         moe_ffn_hidden_size=int(cfg["moe_intermediate_size"]) if moe else 0,
         moe_router_topk=int(cfg["num_experts_per_tok"]) if moe else 0,
@@ -118,6 +143,24 @@ class SafetensorsReader:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
+    def stored_dtypes(self) -> dict[str, int]:
+        """How many tensors are stored in each dtype (torch names, or the safetensors code of a
+        non-floating dtype), from the shard headers; no tensor data is read."""
+        counts: dict[str, int] = {}
+        for shard in sorted(set(self.weight_map.values())):
+            names = [n for n, s in self.weight_map.items() if s == shard]
+            try:
+                with self._safe_open(os.path.join(self.hf_dir, shard), "pt") as f:
+                    codes = [f.get_slice(n).get_dtype() for n in names]
+            except Exception as err:  # truncated or corrupt shard, or a name the index invents
+                raise ValueError(
+                    f"cannot read the tensor headers of {shard} in {self.hf_dir}: {err}"
+                ) from err
+            for code in codes:
+                name = SAFETENSORS_FLOATS.get(code, code)
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
     def __call__(self, name: str):
         if name not in self.weight_map:
             raise KeyError(f"{name} is not in the HF checkpoint at {self.hf_dir}")
@@ -131,3 +174,35 @@ class SafetensorsReader:
             return self._open[shard].get_tensor(name)
         except Exception as err:
             raise ValueError(f"cannot read {name} from {shard}: {err}") from err
+
+
+def default_dtype(cfg: dict[str, Any], stored: dict[str, int]) -> tuple[str, str]:
+    """``(torch dtype name, where it came from)`` for a conversion given no ``--dtype``; ``stored``
+    counts the checkpoint's tensors by dtype (:meth:`SafetensorsReader.stored_dtypes`).
+
+    The config's dtype comes first (``dtype`` as transformers 5 writes it, else ``torch_dtype``,
+    the order transformers reads them in): it is the dtype HF loads the model in. A config without
+    one (or with ``"auto"``) falls back to the dtype the floating-point tensors are stored in,
+    which must then be one dtype.
+    """
+    for key in ("dtype", "torch_dtype"):
+        value = cfg.get(key)
+        if value is None:
+            continue
+        name = str(value).removeprefix("torch.")
+        if name in DTYPES.values():
+            return name, f"config.json {key}"
+        if name != "auto":
+            raise ValueError(
+                f"config.json {key} is {value!r}, which the converters do not write; pass --dtype "
+                f"({'/'.join(sorted(DTYPES))})"
+            )
+        break
+    floats = {k: n for k, n in stored.items() if k in SAFETENSORS_FLOATS.values()}
+    if len(floats) == 1 and next(iter(floats)) in DTYPES.values():
+        return next(iter(floats)), "the stored safetensors tensors (config.json names no dtype)"
+    found = ", ".join(f"{n} {k}" for k, n in sorted(floats.items())) or "no floating-point tensors"
+    raise ValueError(
+        f"config.json names no dtype and the tensors do not settle it ({found}); pass --dtype "
+        f"({'/'.join(sorted(DTYPES))})"
+    )

@@ -203,6 +203,20 @@ def read_region(checkpoint: str, key: str, offset: tuple[int, ...], shape: tuple
     return buffer
 
 
+def stored_dtypes(checkpoint: str) -> dict[str, torch.dtype]:
+    """The dtype each tensor of a ``torch_dist`` checkpoint is stored in, by global key (from its
+    metadata; no tensor data is read)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(checkpoint).read_metadata()
+    return {
+        key: item.properties.dtype
+        for key, item in metadata.state_dict_metadata.items()
+        if isinstance(item, TensorStorageMetadata)
+    }
+
+
 def read_parameter(
     checkpoint: str, chunks: list[Chunk], full_shape: tuple[int, ...], dtype: torch.dtype
 ) -> torch.Tensor:

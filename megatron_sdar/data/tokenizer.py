@@ -36,17 +36,32 @@ class LocalTokenizer:
         return ids
 
 
-def load_tokenizer(path: str, eod_token: str | None = None) -> LocalTokenizer:
+KINDS = ("hf", "sentencepiece")
+
+
+def load_tokenizer(path: str, eod_token: str | None = None, kind: str | None = None) -> LocalTokenizer:
     """Load a tokenizer from a HF directory (``tokenizer.json``/``tokenizer_config.json``) or a
-    SentencePiece ``.model`` file. ``eod_token`` overrides the end-of-document token."""
+    SentencePiece model file. ``eod_token`` overrides the end-of-document token.
+
+    ``kind`` (``"hf"`` or ``"sentencepiece"``) says which one ``path`` must be; by default a directory
+    is a HF tokenizer and a ``.model`` file a SentencePiece model.
+    """
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"tokenizer path {path!r} does not exist; pass a local HF tokenizer directory or a "
             "SentencePiece .model file (nothing is downloaded)"
         )
-    if os.path.isdir(path):
+    if kind == "hf" and not os.path.isdir(path):
+        raise ValueError(
+            f"{path!r} is a file; a HF tokenizer is a directory (tokenizer.json, tokenizer_config.json)"
+        )
+    if kind == "sentencepiece" and os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory; a SentencePiece tokenizer is one model file (.model)")
+    if kind == "hf" or (kind is None and os.path.isdir(path)):
         return _load_hf(path, eod_token)
-    if path.endswith(".model"):
+    if kind == "sentencepiece" or path.endswith(".model"):
         return _load_sentencepiece(path, eod_token)
     raise ValueError(f"cannot tell the tokenizer type of {path!r}: expected a directory or a .model file")
 
@@ -71,14 +86,23 @@ def _load_hf(path: str, eod_token: str | None) -> LocalTokenizer:
 def _load_sentencepiece(path: str, eod_token: str | None) -> LocalTokenizer:
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=path)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except (OSError, RuntimeError) as err:
+        raise ValueError(f"{path} is not a SentencePiece model ({err})") from err
     if eod_token is not None:
         eod_id = sp.piece_to_id(eod_token)
-        if eod_id == sp.unk_id() and eod_token != sp.id_to_piece(sp.unk_id()):
-            raise ValueError(f"end-of-document token {eod_token!r} is not in the SentencePiece model {path}")
+        if eod_id == sp.unk_id():  # also what any out-of-vocabulary character encodes to
+            raise ValueError(
+                f"end-of-document token {eod_token!r} is not a piece of the SentencePiece model {path} "
+                "(or is its unknown piece, which cannot mark document ends)"
+            )
     elif sp.eos_id() >= 0:
         eod_id = sp.eos_id()
     else:
-        raise ValueError(f"the SentencePiece model {path} has no eos id; name one with --eod-token")
+        raise ValueError(
+            f"the SentencePiece model {path} has no end-of-document piece (its eos id is -1); "
+            "name one of its pieces with --eod-token"
+        )
     pad = sp.pad_id() if sp.pad_id() >= 0 else None
     return LocalTokenizer(sp, "sentencepiece", int(eod_id), sp.get_piece_size(), pad)

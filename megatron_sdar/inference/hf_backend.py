@@ -24,6 +24,13 @@ BASE_CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
 }
 SDAR_FIELDS = ("block_size", "mask_token_id", "base_model_type")
+# SDAR model types -> their base architecture (released SDAR configs do not name it)
+SDAR_BASES = {"sdar": "qwen3", "sdar_moe": "qwen3_moe"}
+# config.json fields of an SDAR export that the base architecture's config does not take
+SDAR_ONLY = (
+    *SDAR_FIELDS, "architectures", "model_type", "auto_map", "qk_norm", "fuse_cross_entropy", "ep_size",
+    "micro_forward", "skip_checkpoint", "use_deepep", "debug", "attn_implementation",
+)  # fmt: skip
 
 
 def load_hf_model(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -37,11 +44,13 @@ def load_hf_model(path: str, dtype: torch.dtype = torch.float32, device: str | t
     with open(config_path) as f:
         raw = json.load(f)
     sdar = {k: raw[k] for k in SDAR_FIELDS if k in raw}
-    base = raw.get("base_model_type", raw.get("model_type"))
+    base = raw.get("base_model_type") or SDAR_BASES.get(raw.get("model_type"), raw.get("model_type"))
     if base not in BASE_CLASSES:
         raise ValueError(f"{path}: model type {base!r} is not supported; supported: {sorted(BASE_CLASSES)}")
     config_cls, model_cls = (getattr(transformers, n) for n in BASE_CLASSES[base])
-    fields = {k: v for k, v in raw.items() if k not in (*SDAR_FIELDS, "architectures", "model_type")}
+    fields = {k: v for k, v in raw.items() if k not in SDAR_ONLY}
+    if fields.get("rope_scaling") is None:  # null in SDAR configs; transformers 5 warns about the name
+        fields.pop("rope_scaling", None)
     config = config_cls(**fields)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # it would warn that config.json says model_type "sdar"
