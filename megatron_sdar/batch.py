@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from megatron_sdar.config import PositionIds, SDARConfig
-from megatron_sdar.masks import make_layout
+from megatron_sdar.config import DocumentMask, PositionIds, SDARConfig
+from megatron_sdar.masks import BlockCounting, make_layout
 from megatron_sdar.noise import NoisedBatch, apply_noise
 from megatron_sdar.positions import sdar_position_ids
 
@@ -102,8 +102,16 @@ def build_sdar_batch(
             f"window length {seq_len} is not a multiple of the SDAR block size {config.block_size}"
         )
     tokens = tokens.to(torch.int64)
-    layout = make_layout(doc_ids, config.block_size, config.block_counting)
-    noise_args = dict(mask_token_id=config.mask_token_id, eps=config.noise_eps, unit=config.noise_unit)
+    if config.document_mask is DocumentMask.GLOBAL:  # one document per window; padding stays apart
+        pad_doc = doc_ids.amax(dim=-1, keepdim=True) + 1
+        mask_docs = torch.where(eligible.to(torch.bool) | (doc_ids != pad_doc - 1), 0, 1)
+        layout = make_layout(mask_docs, config.block_size, BlockCounting.WINDOW)
+    else:
+        layout = make_layout(doc_ids, config.block_size, config.block_counting)
+    noise_args = dict(
+        mask_token_id=config.mask_token_id, eps=config.noise_eps, unit=config.noise_unit,
+        t_range=config.noise_range, empty_rows=config.empty_rows,
+    )  # fmt: skip
     if isinstance(generator, list):
         if len(generator) != tokens.shape[0]:
             raise ValueError(f"got {len(generator)} generators for {tokens.shape[0]} rows")

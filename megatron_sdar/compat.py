@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
+import logging
 import os
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -327,8 +329,41 @@ KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
 )
 
 
+# What they log (through ``logging``, not ``warnings``) on every run, as (logger, message regex).
+KNOWN_LOG_RECORDS: tuple[tuple[str, str], ...] = (
+    # megatron-core 0.19 marks GPTModel deprecated in favour of HybridModel each time one is built;
+    # the SDAR and AR models are GPTModels (the Megatron model users convert to and from)
+    ("megatron.core.models.gpt.gpt_model", "GPTModel IS DEPRECATED"),
+    # its torch_dist loader calls its own deprecated load_common
+    ("megatron.core.dist_checkpointing.strategies.common", "load_common is deprecated"),
+    # torch looks for a CUDA toolkit when megatron-core imports its extension helpers; the tools
+    # that run on the CPU need none
+    ("torch.utils.cpp_extension", "No CUDA runtime is found"),
+)
+
+
+class KnownRecordFilter(logging.Filter):
+    """Drops a logger's records whose message matches one of the given patterns."""
+
+    def __init__(self, patterns: list[str]) -> None:
+        super().__init__()
+        self.patterns = [re.compile(p) for p in patterns]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(p.search(message) for p in self.patterns)
+
+
 def ignore_known_warnings() -> None:
-    """Ignore :data:`KNOWN_WARNINGS` (only those) in this process: for the command-line tools and
-    ``pretrain_sdar.py``, whose users would otherwise see them on every run."""
+    """Ignore :data:`KNOWN_WARNINGS` and :data:`KNOWN_LOG_RECORDS` (only those) in this process: for
+    the command-line tools and ``pretrain_sdar.py``, whose users would otherwise see them on every
+    run. Other warnings and other records of the same loggers still show."""
     for message, category, module in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    by_logger: dict[str, list[str]] = {}
+    for name, pattern in KNOWN_LOG_RECORDS:
+        by_logger.setdefault(name, []).append(pattern)
+    for name, patterns in by_logger.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, KnownRecordFilter) for f in logger.filters):
+            logger.addFilter(KnownRecordFilter(patterns))

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass
 
 from megatron_sdar.masks import BlockCounting, CleanAttention
-from megatron_sdar.noise import NoiseUnit
+from megatron_sdar.noise import EmptyRows, NoiseUnit, check_t_range
 
 ATTENTION_BACKENDS = ("auto", "flex", "split", "sdpa")
 
@@ -16,6 +16,15 @@ class LossNormalizer(enum.StrEnum):
 
     ELIGIBLE = "eligible"  # tokens that could be masked (released SDAR code)
     MASKED = "masked"  # tokens that were masked (older choice)
+
+
+class DocumentMask(enum.StrEnum):
+    """Whether the attention mask separates the documents packed into a window."""
+
+    SEPARATE = "separate"  # never across documents; blocks counted per document (SFT, default)
+    # The paper's CPT: "a global block-wise attention mask" over the whole window, attention across
+    # documents, blocks counted from the window start (the noise is still drawn per document).
+    GLOBAL = "global"
 
 
 class PositionIds(enum.StrEnum):
@@ -33,6 +42,9 @@ class SDARConfig:
     mask_token_id: int = -1
     noise_eps: float = 1e-3
     noise_unit: NoiseUnit = NoiseUnit.DOCUMENT
+    noise_range: tuple[float, float] = (0.0, 1.0)  # t ~ U(t_min, t_max)
+    empty_rows: EmptyRows = EmptyRows.REDRAW  # rows that draw no masked token
+    document_mask: DocumentMask = DocumentMask.SEPARATE
     loss_normalizer: LossNormalizer = LossNormalizer.ELIGIBLE
     clean_attention: CleanAttention = CleanAttention.BLOCK_CAUSAL
     block_counting: BlockCounting = BlockCounting.DOCUMENT
@@ -42,6 +54,9 @@ class SDARConfig:
 
     def __post_init__(self) -> None:
         self.noise_unit = NoiseUnit(self.noise_unit)
+        self.noise_range = (float(self.noise_range[0]), float(self.noise_range[1]))
+        self.empty_rows = EmptyRows(self.empty_rows)
+        self.document_mask = DocumentMask(self.document_mask)
         self.loss_normalizer = LossNormalizer(self.loss_normalizer)
         self.clean_attention = CleanAttention(self.clean_attention)
         self.block_counting = BlockCounting(self.block_counting)
@@ -53,38 +68,55 @@ class SDARConfig:
         vocab_size: int | None = None,
         special_token_ids: dict[str, int] | None = None,
     ) -> None:
-        """Raise ``ValueError`` saying what to change when the settings cannot work together.
+        """Raise ``ValueError`` listing what to change when the settings cannot work together."""
+        problems = self.problems(seq_length, vocab_size, special_token_ids)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def problems(
+        self,
+        seq_length: int,
+        vocab_size: int | None = None,
+        special_token_ids: dict[str, int] | None = None,
+    ) -> list[str]:
+        """Every setting that cannot work, each saying what to change (empty when all is well).
 
         Token checks run only when ``vocab_size`` is known (after the tokenizer is built).
         """
+        found = []
         if self.block_size < 1:
-            raise ValueError(f"--sdar-block-size must be >= 1, got {self.block_size}")
-        if seq_length % self.block_size != 0:
-            raise ValueError(
+            found.append(f"--sdar-block-size must be >= 1, got {self.block_size}")
+        elif seq_length % self.block_size != 0:
+            found.append(
                 f"sequence length {seq_length} is not a multiple of the SDAR block size "
                 f"{self.block_size}; pick --seq-length as a multiple of --sdar-block-size "
                 f"(e.g. {seq_length - seq_length % self.block_size or self.block_size})"
             )
         if not 0.0 <= self.noise_eps < 1.0:
-            raise ValueError(f"--sdar-noise-eps must be in [0, 1), got {self.noise_eps}")
+            found.append(f"--sdar-noise-eps must be in [0, 1), got {self.noise_eps}")
+        try:
+            check_t_range(self.noise_range)
+        except ValueError as err:
+            found.append(f"--sdar-noise-range: {err}")
         if self.flex_kernel_options is not None and not isinstance(self.flex_kernel_options, dict):
-            raise ValueError(
+            found.append(
                 f"--sdar-flex-kernel-options must be a JSON object, got {self.flex_kernel_options!r}"
             )
         if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(
+            found.append(
                 f"unknown SDAR attention backend {self.attention_backend!r}; use one of {ATTENTION_BACKENDS}"
             )
         if vocab_size is None:
-            return
+            return found
         if not 0 <= self.mask_token_id < vocab_size:
-            raise ValueError(
+            found.append(
                 f"mask token id {self.mask_token_id} is outside the vocabulary [0, {vocab_size}); "
                 "set --sdar-mask-token-id to an unused token (Qwen3: 151669 '<|MASK|>')"
             )
         for name, token_id in (special_token_ids or {}).items():
             if token_id is not None and token_id == self.mask_token_id:
-                raise ValueError(
+                found.append(
                     f"mask token id {self.mask_token_id} is the tokenizer's {name} token; the mask "
                     "token must be a token that never occurs in the data"
                 )
+        return found

@@ -3,7 +3,9 @@
 
 Both run on a decoding back end (:class:`~megatron_sdar.inference.HFBackend` or
 :class:`~megatron_sdar.inference.MegatronBackend`): the text scores use the back end's forward with
-an empty cache and the training layout's dense mask, so they equal the training objective.
+an empty cache and the training layout's dense mask, so they equal the training objective. Windows
+may differ in length (a held-out text rarely fills its last window): pass a ``[n, L]`` tensor or a
+list of ``[L_i]`` rows.
 """
 
 from __future__ import annotations
@@ -81,23 +83,43 @@ def read_math_problems(path: str, limit: int | None = None) -> list[MathProblem]
     return problems
 
 
+Windows = torch.Tensor | list[torch.Tensor]
+
+
+def _rows(windows: Windows):
+    """Each window as a ``[1, L_i]`` tensor."""
+    for row in windows:
+        yield row.reshape(1, -1)
+
+
 @torch.no_grad()
 def diffusion_bound(
     backend,
-    windows: torch.Tensor,
+    windows: Windows,
     eod_id: int,
     sdar: SDARConfig,
     seed: int = 0,
     samples: int = 1,
 ) -> dict[str, float]:
-    """Eq. 7 on ``windows [n, L]`` (documents split at ``eod_id``), averaged over ``samples`` noise
-    draws per window from a fixed seed: a Monte-Carlo bound on the NLL per token."""
+    """Eq. 7 on ``windows`` (documents split at ``eod_id``), averaged over ``samples`` noise draws
+    per window from a fixed seed: a Monte-Carlo bound on the NLL per token.
+
+    A window whose length is not a multiple of the block size is completed to whole blocks by a
+    padding document of its own (end-of-document tokens, not eligible): no real token attends to it
+    and it adds nothing to the loss or the token count.
+    """
     total = count = masked_ce = masked = 0.0
     gen = torch.Generator().manual_seed(seed)
     for _ in range(samples):
-        for row in windows.split(1):
+        for row in _rows(windows):
             doc_ids = document_ids_from_eod(row, eod_id)
-            batch = build_sdar_batch(row, doc_ids, torch.ones_like(row, dtype=torch.bool), sdar, gen)
+            eligible = torch.ones_like(row, dtype=torch.bool)
+            short = -row.shape[1] % sdar.block_size
+            if short:
+                row = torch.cat([row, row.new_full((1, short), eod_id)], 1)
+                doc_ids = torch.cat([doc_ids, doc_ids.new_full((1, short), int(doc_ids.max()) + 1)], 1)
+                eligible = torch.cat([eligible, eligible.new_zeros(1, short)], 1)
+            batch = build_sdar_batch(row, doc_ids, eligible, sdar, gen)
             batch = _to(batch, backend.device)
             n = row.shape[1]
             backend.reset(1)
@@ -121,10 +143,10 @@ def diffusion_bound(
 
 
 @torch.no_grad()
-def next_token_nll(backend, windows: torch.Tensor, eod_id: int) -> dict[str, float]:
+def next_token_nll(backend, windows: Windows, eod_id: int) -> dict[str, float]:
     """Mean next-token NLL inside documents (AR models), with a causal mask."""
     total = count = 0.0
-    for row in windows.split(1):
+    for row in _rows(windows):
         row = row.to(backend.device)
         n = row.shape[1]
         backend.reset(1)

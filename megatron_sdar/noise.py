@@ -1,13 +1,22 @@
 """The SDAR forward (noising) process: which clean tokens become the mask token.
 
-One ``t ~ U(0, 1)`` is drawn per document of a packed window (or per block, as an option), turned
-into a masking probability ``p = (1 - eps) t + eps``, and every *eligible* token (all real tokens in
-continued pretraining, response tokens only in SFT) is replaced by the mask token independently with
-probability ``p``. Rows with eligible tokens but no masked one get one eligible token forced, so no
-micro-batch row contributes an empty loss.
+One ``t`` is drawn per document of a packed window (or per block, as an option), uniformly in
+``[t_min, t_max]`` (default ``[0, 1]``), turned into a masking probability
+``p = (1 - eps) t + eps``, and every *eligible* token (all real tokens in continued pretraining,
+response tokens only in SFT) is replaced by the mask token independently with probability ``p``.
 
-All randomness comes from an explicit ``torch.Generator`` so that every tensor-parallel rank and
-pipeline stage that sees a sample draws exactly the same noise for it.
+A row with eligible tokens but no masked one would contribute nothing. ``EmptyRows.REDRAW``
+(default) draws the row's ``t`` and masks again (up to ``tries`` times) and reports each token's
+masking probability *given that the row has a masked token*, ``p / P(row has one)``, so the loss
+weights ``1 / mask_prob`` stay unbiased (expected weight exactly one per eligible token); if every
+try comes up empty, one eligible token is forced with probability ``1 / n_eligible``, its inclusion
+probability, which keeps the estimate exact. ``EmptyRows.FORCE`` is the earlier behaviour: force
+one token and keep its small ``p``, over-weighting rows with few eligible tokens (expected weight
+per token ~1.5 at 8 eligible tokens).
+
+All randomness comes from an explicit ``torch.Generator`` and the number of draws does not depend
+on the data, so every tensor-parallel rank and pipeline stage that sees a sample draws exactly the
+same noise for it.
 """
 
 from __future__ import annotations
@@ -16,6 +25,13 @@ import enum
 from dataclasses import dataclass
 
 import torch
+
+
+class EmptyRows(enum.StrEnum):
+    """What a row with eligible tokens but no masked token gets."""
+
+    REDRAW = "redraw"  # draw t and the masks again; weights conditioned on the row having one
+    FORCE = "force"  # force one eligible token and keep its p (biased towards small rows)
 
 
 class NoiseUnit(enum.StrEnum):
@@ -49,8 +65,9 @@ def sample_t(
     generator: torch.Generator | None,
     unit: NoiseUnit | str = NoiseUnit.DOCUMENT,
     blocks: torch.Tensor | None = None,
+    t_range: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
-    """Per-token ``t ~ U(0, 1)``, one value per document (or per block) of each row.
+    """Per-token ``t ~ U(t_min, t_max)``, one value per document (or per block) of each row.
 
     Units are the maximal runs of equal document id (and block index), so a window's documents are
     numbered consecutively as packing produces them.
@@ -58,10 +75,20 @@ def sample_t(
     unit = NoiseUnit(unit)
     if unit is NoiseUnit.BLOCK and blocks is None:
         raise ValueError("per-block noise needs the block indices of each token")
+    check_t_range(t_range)
     ids = _unit_ids(doc_ids, blocks if unit is NoiseUnit.BLOCK else None)
     batch, seq_len = doc_ids.shape
     draws = torch.rand((batch, seq_len), generator=generator, device=doc_ids.device, dtype=torch.float32)
+    t_min, t_max = t_range
+    if (t_min, t_max) != (0.0, 1.0):
+        draws = t_min + (t_max - t_min) * draws
     return torch.gather(draws, 1, ids)
+
+
+def check_t_range(t_range: tuple[float, float]) -> None:
+    t_min, t_max = t_range
+    if not 0.0 <= t_min < t_max <= 1.0:
+        raise ValueError(f"the noise range must satisfy 0 <= t_min < t_max <= 1, got {t_min} {t_max}")
 
 
 def apply_noise(
@@ -73,8 +100,12 @@ def apply_noise(
     eps: float = 1e-3,
     unit: NoiseUnit | str = NoiseUnit.DOCUMENT,
     blocks: torch.Tensor | None = None,
+    t_range: tuple[float, float] = (0.0, 1.0),
+    empty_rows: EmptyRows | str = EmptyRows.REDRAW,
+    tries: int = 10,
 ) -> NoisedBatch:
-    """Mask eligible tokens of ``tokens`` ``[b, L]`` independently with probability ``p(t)``."""
+    """Mask eligible tokens of ``tokens`` ``[b, L]`` independently with probability ``p(t)``; see the
+    module docstring for rows that draw no masked token."""
     if not 0.0 <= eps < 1.0:
         raise ValueError(f"noise eps must be in [0, 1), got {eps}")
     if tokens.shape != eligible.shape or tokens.shape != doc_ids.shape:
@@ -82,20 +113,49 @@ def apply_noise(
             f"tokens {tuple(tokens.shape)}, eligible {tuple(eligible.shape)} and doc_ids "
             f"{tuple(doc_ids.shape)} must have the same [batch, L] shape"
         )
+    empty_rows = EmptyRows(empty_rows)
+    if tries < 1:
+        raise ValueError(f"tries must be >= 1, got {tries}")
     eligible = eligible.to(torch.bool)
-    t = sample_t(doc_ids, generator, unit, blocks)
-    p = (1.0 - eps) * t + eps
-    u = torch.rand(tokens.shape, generator=generator, device=tokens.device, dtype=torch.float32)
-    masked = (u < p) & eligible
+    has_eligible = eligible.any(dim=-1, keepdim=True)
 
-    # Force one masked token in rows that have eligible tokens but drew none. The forced position is
-    # drawn uniformly among eligible ones (always drawn, so the random stream does not depend on data).
+    def draw() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = sample_t(doc_ids, generator, unit, blocks, t_range)
+        p = (1.0 - eps) * t + eps
+        u = torch.rand(tokens.shape, generator=generator, device=tokens.device, dtype=torch.float32)
+        return t, p, (u < p) & eligible
+
+    t, p, masked = draw()
+    mask_prob = p
+    if empty_rows is EmptyRows.REDRAW:
+        done = masked.any(dim=-1, keepdim=True) | ~has_eligible
+        for _ in range(tries - 1):  # every try is drawn, so the stream does not depend on the data
+            t_k, p_k, masked_k = draw()
+            take = ~done
+            t, p, masked = (
+                torch.where(take, t_k, t),
+                torch.where(take, p_k, p),
+                torch.where(take, masked_k, masked),
+            )
+            done = done | masked_k.any(dim=-1, keepdim=True)
+        # P(the row has a masked token) under the accepted draw's p, from sum(log(1 - p)) over eligible
+        none = torch.exp(
+            torch.where(eligible, torch.log1p(-p.clamp(max=1.0 - 1e-7)), 0.0).sum(-1, keepdim=True)
+        )
+        mask_prob = p / (1.0 - none).clamp_min(1e-12)
+        mask_prob = torch.where(has_eligible, mask_prob.clamp(max=1.0), p)
+
+    # Force one masked token in rows that have eligible tokens but none masked (after the tries).
+    # The forced position is drawn uniformly among eligible ones (always drawn, like the tries).
     pick = torch.rand(tokens.shape, generator=generator, device=tokens.device, dtype=torch.float32)
     pick = torch.where(eligible, pick, torch.full_like(pick, -1.0))
     forced_pos = pick.argmax(dim=-1, keepdim=True)
-    needs = (~masked.any(dim=-1, keepdim=True)) & eligible.any(dim=-1, keepdim=True)
+    needs = (~masked.any(dim=-1, keepdim=True)) & has_eligible
     forced = torch.zeros_like(masked).scatter_(1, forced_pos, needs)
     masked = masked | forced
+    if empty_rows is EmptyRows.REDRAW:  # the forced token's inclusion probability: 1 / n_eligible
+        n_eligible = eligible.sum(dim=-1, keepdim=True).clamp_min(1).to(torch.float32)
+        mask_prob = torch.where(forced, 1.0 / n_eligible, mask_prob)
 
     noised = torch.where(masked, torch.full_like(tokens, mask_token_id), tokens)
-    return NoisedBatch(noised_tokens=noised, masked=masked, mask_prob=p, t=t)
+    return NoisedBatch(noised_tokens=noised, masked=masked, mask_prob=mask_prob, t=t)

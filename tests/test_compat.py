@@ -315,3 +315,22 @@ def test_ignore_known_warnings_names_what_it_ignores():
         )
         warnings.warn_explicit("something else", UserWarning, "x.py", 1, module="megatron.core.optimizer")
     assert [str(w.message) for w in caught] == ["Apex is not installed, really", "something else"]
+
+
+def test_known_log_records_are_dropped_and_others_kept(caplog):
+    """The named megatron-core / torch notices are dropped at their loggers; other records of the
+    same loggers still reach the handlers."""
+    import logging
+
+    compat.ignore_known_warnings()
+    compat.ignore_known_warnings()  # idempotent: one filter per logger
+    for name, _ in compat.KNOWN_LOG_RECORDS:
+        logger = logging.getLogger(name)
+        assert sum(isinstance(f, compat.KnownRecordFilter) for f in logger.filters) == 1
+    caplog.set_level(logging.INFO)
+    gpt = logging.getLogger("megatron.core.models.gpt.gpt_model")
+    gpt.warning("GPTModel IS DEPRECATED. GPTModel is only accepting critical bug fixes")
+    gpt.warning("something else went wrong")
+    logging.getLogger("torch.utils.cpp_extension").warning("No CUDA runtime is found, using CUDA_HOME='/x'")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["something else went wrong"]

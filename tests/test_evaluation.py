@@ -30,6 +30,12 @@ def megatron_qwen3(qwen3):
     return megatron_twin(qwen3[0], SDARConfig(block_size=4, mask_token_id=MASK))
 
 
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    """An SDAR export with a BPE tokenizer (block size 4), shared by the tool tests."""
+    return sdar_export(tmp_path_factory.mktemp("export"))[1]
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [
@@ -85,11 +91,26 @@ def test_next_token_nll_matches_transformers(qwen3):
     assert abs(got["nll"] - expected) < 1e-4
 
 
-def test_evaluate_tool(tmp_path):
+def test_ragged_windows_score_every_token(qwen3, megatron_qwen3):
+    """A last window shorter than the others (and not a whole number of blocks) is scored: its
+    tokens count, and both back ends agree on it."""
+    hf, _ = qwen3
+    sdar = SDARConfig(block_size=4, mask_token_id=MASK)
+    tokens = torch.randint(2, VOCAB - 1, (30,), generator=torch.Generator().manual_seed(7))
+    windows = [tokens[:16], tokens[16:]]  # 16 + 14
+    got = diffusion_bound(HFBackend(hf), windows, eod_id=1, sdar=sdar, seed=3, samples=2)
+    assert got["tokens"] == 30 and got["diffusion_bound"] > 0
+    same = diffusion_bound(
+        MegatronBackend(megatron_qwen3, VOCAB), windows, eod_id=1, sdar=sdar, seed=3, samples=2
+    )
+    assert abs(same["diffusion_bound"] - got["diffusion_bound"]) < 1e-4
+    assert next_token_nll(HFBackend(hf), windows, eod_id=1)["tokens"] == 15 + 13
+
+
+def test_evaluate_tool(export, tmp_path):
     """tools/evaluate.py on an SDAR export: a table row per decoding setting and the text bound."""
     from tools import evaluate as evaluate_tool
 
-    _, export, _ = sdar_export(tmp_path)
     math = tmp_path / "gsm.jsonl"
     math.write_text(
         "".join(json.dumps({"question": f"the mask {i}", "answer": f"#### {i}"}) + "\n" for i in range(3))
@@ -103,10 +124,61 @@ def test_evaluate_tool(tmp_path):
     )  # fmt: skip
     settings = [r["setting"] for r in report["math"]]
     assert settings == ["B=4 tau=0.5", "B=4 tau=1.0", "B=8 tau=0.5", "B=8 tau=1.0"]
-    assert all(0.0 <= r["accuracy"] <= 1.0 and r["tokens_per_forward"] >= 1.0 for r in report["math"])
-    assert report["math"][1]["tokens_per_forward"] == 1.0  # tau 1: one token per forward
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["tokens_per_forward"] > 0.0 for r in report["math"])
+    # tau 1 finalises one position per forward; only returned tokens count, so a last block cut at
+    # --max-new-tokens (decoded whole) makes it at most one
+    assert 0.5 < report["math"][1]["tokens_per_forward"] <= 1.0
     assert report["text"]["diffusion_bound"] > 0 and json.loads((tmp_path / "eval.json").read_text())["math"]
     ar = evaluate_tool.main(
         ["--hf-dir", str(export), "--mode", "ar", "--text", str(text), "--seq-length", "16"]
     )
     assert ar["text"]["nll"] > 0
+
+
+def test_evaluate_tool_scores_all_of_the_text_split_by_paragraph(export, tmp_path, capsys):
+    """Plain text is one document per blank-line separated paragraph (said in the summary), and the
+    tokens after the last full window are scored in a shorter window, not dropped."""
+    from transformers import AutoTokenizer
+
+    from tools import evaluate as evaluate_tool
+
+    paragraphs = ["the mask token is new\nblocks decode\nin parallel", "blocks decode", "the mask\ntoken"] * 3
+    text = tmp_path / "held_out.txt"
+    text.write_text("\n\n".join(paragraphs) + "\n")
+    tok = AutoTokenizer.from_pretrained(export)
+    total = sum(len(tok(p, add_special_tokens=False).input_ids) + 1 for p in paragraphs)
+    assert total % 16  # a shorter last window
+    report = evaluate_tool.main(["--hf-dir", str(export), "--text", str(text), "--seq-length", "16"])
+    info = report["text_input"]
+    assert (info["format"], info["document_unit"], info["documents"]) == ("text", "paragraph", 9)
+    assert info["tokens"] == total and report["text"]["tokens"] == total
+    assert info["windows"] == -(-total // 16) and info["last_window_tokens"] == total % 16
+    printed = capsys.readouterr().out
+    assert "9 documents (plain text, one per paragraph, split at blank lines; see --text-unit)" in printed
+    assert f"(the last {total % 16})" in printed
+    lines = evaluate_tool.main(
+        ["--hf-dir", str(export), "--text", str(text), "--text-unit", "line", "--seq-length", "1000"]
+    )
+    assert lines["text_input"]["documents"] == 18 and lines["text_input"]["windows"] == 1  # one short window
+    capped = evaluate_tool.main(
+        ["--hf-dir", str(export), "--text", str(text), "--seq-length", "8", "--text-windows", "2"]
+    )
+    assert capped["text_input"]["stopped_at_text_windows"] and capped["text"]["tokens"] == 16
+    assert "stopped at --text-windows 2" in capsys.readouterr().out
+
+
+def test_evaluate_tool_reports_on_rank_zero_only(export, tmp_path, capsys, monkeypatch):
+    from tools import evaluate as evaluate_tool
+
+    math = tmp_path / "gsm.jsonl"
+    math.write_text(json.dumps({"question": "the mask", "answer": "#### 3"}) + "\n")
+    flags = ["--hf-dir", str(export), "--math", str(math), "--max-new-tokens", "4"]
+    monkeypatch.setenv("RANK", "1")
+    report = evaluate_tool.main([*flags, "--json-out", str(tmp_path / "rank1.json")])
+    assert report["math"] and not (tmp_path / "rank1.json").exists() and capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    static = evaluate_tool.main([*flags, "--strategy", "low_confidence_static"])
+    assert [r["setting"] for r in static["math"]] == ["B=4 low_confidence_static"]  # no tau: it reads none
+    assert "low_confidence_static" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--taus applies to --strategy low_confidence_dynamic only"):
+        evaluate_tool.main([*flags, "--strategy", "sequential", "--taus", "0.5"])

@@ -155,13 +155,15 @@ class ScriptedBackend:
 
     def __init__(self, script: list[int], vocab: int = 16) -> None:
         self.script, self.vocab_size, self.device = script, vocab, torch.device("cpu")
-        self.calls = []
+        self.calls, self.inputs = [], []
 
     def reset(self, batch: int) -> None:
         self.calls.clear()
+        self.inputs.clear()
 
     def forward(self, tokens, positions, self_mask, key_valid, write=0):
         self.calls.append((tokens.shape[1], write))
+        self.inputs.append(tokens.clone())
         logits = torch.zeros(*tokens.shape, self.vocab_size)
         target = torch.tensor(self.script)[positions.clamp_max(len(self.script) - 1)]
         return logits.scatter(-1, target.unsqueeze(-1), 20.0)
@@ -175,6 +177,42 @@ def test_stop_token_inside_a_block_ends_the_row():
     )
     assert out.tokens == [[4, 5, 6, 1]]  # truncated after the stop token
     assert all(n <= 8 for n, _ in backend.calls)  # never more than two blocks per forward
+
+
+def test_the_last_block_is_decoded_whole_and_cut():
+    """max_new_tokens ending inside a block: the block is denoised with all its free positions
+    masked (as in training), never with the stop token the frame is padded with, and cut after;
+    only the returned tokens count, and decoding stops once they are final."""
+    script = [3, 3, 3, 3, 4, 5, 6, 7, 8, 9]
+    backend = ScriptedBackend(script)
+    kw = dict(block_size=4, mask_token_id=15, max_new_tokens=2, stop_token_ids=(1,))
+    sequential = generate_block_diffusion(backend, [[3] * 4], strategy=StrategyConfig("sequential"), **kw)
+    assert sequential.tokens == [[4, 5]]
+    assert backend.inputs[0][0, -4:].tolist() == [15, 15, 15, 15]  # not [15, 15, 1, 1]
+    assert backend.inputs[1][0, -4:].tolist() == [4, 15, 15, 15]
+    assert sequential.denoise_forwards == 2 and sequential.tokens_per_forward == 1.0  # then it stops
+    eager = generate_block_diffusion(backend, [[3] * 4], strategy=StrategyConfig(tau=0.0), **kw)
+    assert eager.tokens == [[4, 5]] and eager.denoise_forwards == 1
+    assert eager.generated == 2 and eager.tokens_per_forward == 2.0  # the four decoded, two returned
+
+
+def test_shorter_outputs_are_prefixes_of_longer_ones(qwen3):
+    """Greedy decoding for every strategy: the n-token output is the first n tokens of the
+    (n + k)-token one, also where n ends inside a block."""
+    hf, _ = qwen3
+    backend = HFBackend(hf)
+    prompts = [[5, 17, 3], [9, 44, 2, 71, 8, 8, 1]]
+    strategies = (
+        StrategyConfig(tau=0.5), StrategyConfig("low_confidence_static", steps=2),
+        StrategyConfig("sequential"), StrategyConfig("entropy_bounded", entropy_bound=2.0),
+    )  # fmt: skip
+    for strategy in strategies:
+        kw = dict(block_size=B, mask_token_id=MASK, strategy=strategy, stop_token_ids=(VOCAB - 2,))
+        longest = generate_block_diffusion(backend, prompts, max_new_tokens=10, **kw)
+        for n in (2, 7):  # both prompts end 3 tokens into a block: each n ends inside one
+            got = generate_block_diffusion(backend, prompts, max_new_tokens=n, **kw)
+            assert got.tokens == [t[:n] for t in longest.tokens], (strategy, n)
+            assert got.denoise_forwards <= longest.denoise_forwards
 
 
 def test_select_and_quota_by_hand():
@@ -219,12 +257,18 @@ def test_generate_tool_on_an_sdar_export(tmp_path):
          "--json-out", str(tmp_path / "out.json")]
     )  # fmt: skip
     summary = json.loads((tmp_path / "out.json").read_text())["summary"]
-    assert summary["block_size"] == 4 and summary["tokens_per_forward"] >= 1.0
+    assert summary["block_size"] == 4 and summary["tokens_per_forward"] > 0.0
+    assert (summary["strategy"], summary["tau"]) == ("low_confidence_dynamic", 0.5) and "steps" not in summary
     assert len(out["completions"]) == 2 and all(mask_id not in t for t in out["tokens"])  # never the mask
+    sequential = generate_tool.main(
+        ["--hf-dir", str(export), "--prompt", "blocks", "--strategy", "sequential", "--max-new-tokens", "5"]
+    )["summary"]
+    assert sequential["steps"] == 4 and not {"tau", "min_per_step", "entropy_bound"} & set(sequential)
     ar = generate_tool.main(
         ["--hf-dir", str(export), "--prompt", "blocks", "--mode", "ar", "--max-new-tokens", "5"]
     )
     assert ar["summary"]["tokens_per_forward"] == 1.0
+    assert not {"forwards_per_block", "commit_forwards", "tau", "strategy", "block_size"} & set(ar["summary"])
     with pytest.raises(SystemExit, match="records no SDAR block size"):
         generate_tool.main(["--hf-dir", str(src), "--prompt", "blocks"])
     bad = tmp_path / "bad.jsonl"

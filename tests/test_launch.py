@@ -1,6 +1,7 @@
 """Launch tooling: the per-model commands parse and validate with Megatron's parser and ours, the
-layouts divide the GPUs, resume is picked when the save folder holds a checkpoint, the memory
-estimate is positive, and the shell scripts pass ``bash -n`` and shellcheck."""
+layouts divide the GPUs (a layout that does not fit is refused, naming the numbers to change),
+resume is picked when the save folder holds a checkpoint, the memory estimate is positive, and the
+shell scripts pass ``bash -n`` and shellcheck, count GPUs without nvidia-smi and check INIT_FROM."""
 
 from __future__ import annotations
 
@@ -127,13 +128,125 @@ def test_dry_run_prints_the_command_and_memory(tmp_path, capsys, init):
     assert 10 < out["memory"]["total_gb"] < 80
 
 
+def stub_commands(folder: Path, **scripts: str) -> str:
+    """A PATH whose first folder holds ``scripts`` (name -> bash body) in place of real commands."""
+    folder.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (folder / name).write_text(f"#!/bin/bash\n{body}\n")
+        (folder / name).chmod(0o755)
+    return f"{folder}{os.pathsep}{os.environ['PATH']}"
+
+
+NO_DRIVER = "echo 'NVIDIA-SMI has failed: it could not communicate with the NVIDIA driver.' >&2; exit 9"
+
+
 def test_single_node_script_dry_run(tmp_path, init):
+    """The README's dry run on a machine without a usable nvidia-smi (a login node): it plans for 8
+    GPUs and says so."""
+    path = stub_commands(tmp_path / "bin", **{"nvidia-smi": NO_DRIVER})
     env = dict(os.environ, MODEL="qwen3-1.7b", STAGE="sft", DATA_PATH="/data/sft", SAVE=str(tmp_path / "run"),
-               INIT_FROM=init, GPUS="8", DRY_RUN="1", PYTHONPATH=str(ROOT))  # fmt: skip
+               INIT_FROM=init, DRY_RUN="1", PYTHONPATH=str(ROOT), PATH=path)  # fmt: skip
+    env.pop("GPUS", None)
     proc = subprocess.run(["bash", str(ROOT / "examples" / "run_single_node.sh")], env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("# GPUS=8 assumed: nvidia-smi lists no GPU here")
     assert "--sdar-stage sft" in proc.stdout and "--nproc-per-node 8" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "nvidia_smi, extra, status, expected",
+    [
+        (NO_DRIVER, {"DRY_RUN": "1"}, 0, "--gpus-per-node 8 "),
+        (None, {"DRY_RUN": "1"}, 0, "--gpus-per-node 8 "),  # no nvidia-smi at all
+        ("echo 'GPU 0: H100 (UUID: a)'; echo 'GPU 1: H100 (UUID: b)'", {}, 0, "--gpus-per-node 2 "),
+        (NO_DRIVER, {"GPUS": "4"}, 0, "--gpus-per-node 4 "),
+        (NO_DRIVER, {}, 1, "error: nvidia-smi lists no GPU here; run on a GPU node, set GPUS=N"),
+        (NO_DRIVER, {"GPUS": "eight"}, 1, "error: GPUS must be a positive whole number"),
+        (NO_DRIVER, {"GPUS": "8", "INIT_FROM": "/absent/ckpt"}, 1, "error: INIT_FROM=/absent/ckpt holds no"),
+    ],
+    ids=["dry-run-no-driver", "dry-run-no-nvidia-smi", "two-listed", "gpus-set", "no-gpu", "gpus-nan",
+         "init-absent"],
+)  # fmt: skip
+def test_single_node_script_gpu_count_and_init_from(tmp_path, init, nvidia_smi, extra, status, expected):
+    """GPUS overrides, nvidia-smi counts, a dry run falls back to 8; a missing INIT_FROM stops the
+    script before anything starts (``python`` is a stub here that prints its arguments)."""
+    stubs = {"python": 'echo "launch $*"'}
+    if nvidia_smi:
+        stubs["nvidia-smi"] = nvidia_smi
+    env = dict(os.environ, MODEL="qwen3-1.7b", STAGE="cpt", DATA_PATH="/data/x", SAVE=str(tmp_path / "run"),
+               INIT_FROM=init, PATH=stub_commands(tmp_path / "bin", **stubs))  # fmt: skip
+    for name in ("GPUS", "DRY_RUN"):
+        env.pop(name, None)
+    if nvidia_smi is None:  # hide a real nvidia-smi: keep only the stubs and the basic tools' folders
+        env["PATH"] = os.pathsep.join([str(tmp_path / "bin"), "/usr/bin", "/bin"])
+        if shutil.which("nvidia-smi", path=env["PATH"]):
+            pytest.skip("nvidia-smi is installed in /usr/bin or /bin")
+    env.update(extra)
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "run_single_node.sh")], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == status, proc.stdout + proc.stderr
+    assert expected in (proc.stdout if status == 0 else proc.stderr)
+    assert ("launch " in proc.stdout) == (status == 0)
+
+
+def test_sbatch_script_checks_init_from_before_any_task(tmp_path, init):
+    """The batch script refuses a missing INIT_FROM on the batch host, before srun; once $SAVE holds a
+    checkpoint (a requeue) INIT_FROM is no longer needed. A typed GPU request ("h100:8") counts 8."""
+    calls = tmp_path / "srun-calls"
+    path = stub_commands(tmp_path / "bin", scontrol="echo node-a", srun=f'echo "$*" >> {calls}')
+    env = dict(os.environ, MODEL="qwen3-8b", STAGE="cpt", DATA_PATH="/data/x", SAVE=str(tmp_path / "run"),
+               IMAGE="image.sqsh", INIT_FROM=str(tmp_path / "absent"), SLURM_JOB_NODELIST="node-a",
+               SLURM_NNODES="2", SLURM_JOB_ID="7", SLURM_GPUS_PER_NODE="h100:8", PATH=path)  # fmt: skip
+
+    def sbatch() -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(ROOT / "examples" / "slurm" / "sdar.sbatch")], env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    proc = sbatch()
+    assert proc.returncode == 1 and f"error: INIT_FROM={tmp_path / 'absent'} holds no Megatron" in proc.stderr
+    assert not calls.exists()
+    env["INIT_FROM"] = init
+    proc = sbatch()
+    assert proc.returncode == 0, proc.stderr
+    assert f"--init-from {init}" in calls.read_text() and "--gpus-per-node 8 " in calls.read_text()
+    fake_checkpoint(tmp_path / "run" / "resume")
+    env.update(SAVE=str(tmp_path / "run" / "resume"), INIT_FROM=str(tmp_path / "absent"))
+    assert sbatch().returncode == 0
+
+
+def test_layout_that_does_not_fit_is_refused_with_the_numbers_to_change(tmp_path, init):
+    """Before Megatron's assertions: the global batch must divide over micro-batch x data-parallel
+    size, experts over EP, and EP (x expert TP) must divide a pipeline stage's GPUs."""
+    with pytest.raises(SystemExit) as err:
+        flags_for("qwen3-8b", "cpt", 3, tmp_path / "run", init)
+    message = str(err.value)
+    assert message.startswith("error: qwen3-8b cpt does not fit 3 node(s) x 8 GPUs with TP=2 PP=1 EP=1:")
+    assert "--global-batch-size 256 is not a multiple of micro-batch size 1 x data-parallel size" in message
+    assert "data-parallel size 12 = 12 (data-parallel size: 24 GPUs / (TP 2 x PP 1))" in message
+    assert "pass --global-batch-size 252 or 264" in message
+    assert "(or use --nodes 2 or 4, where it fits)" in message
+    # a batch size that divides makes the same node count fit
+    flags = flags_for("qwen3-8b", "cpt", 3, tmp_path / "run", init, "--global-batch-size", "264")
+    assert flag(flags, "--global-batch-size") == "264"
+
+    def moe(nodes: int, *more: str) -> list[str]:
+        return flags_for("qwen3-30b-a3b", "sft", nodes, tmp_path / "run", init, *more)
+
+    with pytest.raises(SystemExit, match=r"EP 8 x expert TP 1 = 8 must divide the 12 GPUs of a pipeline"):
+        moe(3)
+    with pytest.raises(SystemExit, match=r"128 experts do not divide over EP 6"):
+        moe(4, "--extra", "--expert-model-parallel-size 6")
+    with pytest.raises(SystemExit, match=r"16 GPUs \(2 node\(s\) x 8\) do not divide into TP 1 x PP 2 x CP"):
+        moe(2, "--extra=--context-parallel-size=3")
+    # every layout of the recipe fits the node count it is listed for
+    for model, spec in launch.MODELS.items():
+        for nodes in spec["layouts"]:
+            for stage in launch.STAGES:
+                args = launch.parse_args(["--model", model, "--stage", stage, "--nodes", str(nodes),
+                                          "--data-path", "d", "--save", "s"])  # fmt: skip
+                problems = launch.layout_problems(launch.layout_flags(args, nodes), nodes, 8)
+                assert problems == [], (model, nodes, stage)
 
 
 @pytest.mark.parametrize("script", ["examples/run_single_node.sh", "examples/slurm/sdar.sbatch"])

@@ -85,6 +85,14 @@ def test_per_block_without_blocks_raises():
 # --------------------------------------------------------------------------------------------------
 
 
+def conditioned(p: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """Each token's masking probability given that its row has a masked token (rows with eligible
+    tokens; others keep p): p / (1 - prod over the row's eligible tokens of (1 - p))."""
+    none = torch.where(eligible, 1 - p.double(), 1.0).prod(-1, keepdim=True)
+    out = (p.double() / (1 - none)).float()
+    return torch.where(eligible.any(-1, keepdim=True), out, p)
+
+
 @pytest.mark.parametrize("eps", [0.0, 1e-3, 0.3])
 def test_only_eligible_tokens_are_masked_and_p_follows_t(eps):
     g = gen(11)
@@ -99,7 +107,9 @@ def test_only_eligible_tokens_are_masked_and_p_follows_t(eps):
     assert torch.equal(out.noised_tokens[~out.masked], tokens[~out.masked])
     assert not (tokens == MASK_ID).any()
     assert torch.equal(out.masked, out.noised_tokens == MASK_ID)
-    torch.testing.assert_close(out.mask_prob, (1 - eps) * out.t + eps, rtol=0, atol=1e-7)
+    torch.testing.assert_close(
+        out.mask_prob, conditioned((1 - eps) * out.t + eps, eligible), rtol=1e-5, atol=1e-7
+    )
     assert ((out.mask_prob >= eps) & (out.mask_prob <= 1.0)).all()
     assert_constant_per_unit_and_distinct(out.t, units(doc_ids))
     assert out.masked.any(dim=-1).all()
@@ -115,7 +125,7 @@ def test_rows_with_eligible_tokens_always_get_a_masked_token():
     eligible[torch.arange(rows), where] = True
     doc_ids = doc_rows(*([[seq]] * rows))
     for seed in range(5):
-        out = apply_noise(tokens, eligible, doc_ids, MASK_ID, gen(seed), eps=0.0)
+        out = apply_noise(tokens, eligible, doc_ids, MASK_ID, gen(seed), eps=0.0, empty_rows="force")
         assert torch.equal(out.masked, eligible)
         # The forced token does not change p.
         torch.testing.assert_close(out.mask_prob, out.t)
@@ -128,7 +138,7 @@ def test_forced_token_is_a_single_eligible_one():
     eligible = torch.zeros(rows, seq, dtype=torch.bool)
     eligible[:, 4:9] = True
     doc_ids = doc_rows(*([[seq]] * rows))
-    out = apply_noise(tokens, eligible, doc_ids, MASK_ID, gen(9), eps=0.0)
+    out = apply_noise(tokens, eligible, doc_ids, MASK_ID, gen(9), eps=0.0, empty_rows="force")
     counts = out.masked.sum(dim=-1)
     assert (counts >= 1).all()
     assert not (out.masked & ~eligible).any()
@@ -233,7 +243,7 @@ def test_batch_input_is_noised_then_clean_copy():
     assert torch.equal(batch.eligible, eligible)
     assert not (batch.masked & ~eligible).any()
     assert batch.masked.any(dim=-1).all()
-    torch.testing.assert_close(batch.mask_prob, 0.7 * batch.t + 0.3)
+    torch.testing.assert_close(batch.mask_prob, conditioned(0.7 * batch.t + 0.3, eligible))
 
 
 def test_batch_position_ids_and_layout_hand_case():
@@ -289,3 +299,80 @@ def test_batch_window_not_a_multiple_of_block_size_raises():
     with pytest.raises(ValueError, match="block size") as info:
         build_sdar_batch(tokens, doc_ids, torch.ones_like(tokens, dtype=torch.bool), config, gen(0))
     assert "10" in str(info.value) and "4" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# rows that draw no masked token: redraw (unbiased weights) against force (the earlier behaviour)
+
+
+def _weight_per_eligible_token(n: int, rows: int, mode: str, seed: int = 0) -> float:
+    """Monte Carlo estimate of E[sum over masked tokens of 1 / mask_prob] / n for rows of n eligible
+    tokens: 1 when the loss weights are unbiased."""
+    tokens = torch.zeros(rows, n, dtype=torch.long)
+    eligible = torch.ones(rows, n, dtype=torch.bool)
+    doc_ids = torch.zeros(rows, n, dtype=torch.int32)
+    out = apply_noise(tokens, eligible, doc_ids, MASK_ID, gen(seed), empty_rows=mode)
+    assert out.masked.any(dim=-1).all()
+    return ((out.masked / out.mask_prob).sum() / (rows * n)).item()
+
+
+@pytest.mark.parametrize("n", [8, 64])
+def test_redraw_keeps_the_expected_weight_per_eligible_token_at_one(n):
+    eps = 1e-3
+    grid = (torch.arange(200_000, dtype=torch.float64) + 0.5) / 200_000
+    p = (1 - eps) * grid + eps
+    force_expected = 1 + ((1 - p) ** n / p).mean().item() / n  # forcing keeps p: 1.52 at n=8, 1.03 at 64
+    redraw = _weight_per_eligible_token(n, 40_000, "redraw")
+    force = _weight_per_eligible_token(n, 40_000, "force")
+    print(f"n={n}: expected weight per eligible token: redraw {redraw:.3f}, force {force:.3f} "
+          f"(force, exact: {force_expected:.3f})")  # fmt: skip
+    assert abs(redraw - 1.0) < 0.02
+    assert abs(force - force_expected) < 0.05 * force_expected
+    if n == 8:
+        assert force_expected > 1.5  # what the redraw removes
+
+
+def test_redraw_weights_are_bounded_and_the_stream_is_data_independent():
+    """The reported probability is p / P(row has a masked token): never below p, never above 1; the
+    random stream has the same length whatever the data (the next draw agrees)."""
+    rows, n = 500, 6
+    tokens = torch.zeros(rows, n, dtype=torch.long)
+    eligible = torch.rand(rows, n, generator=gen(2)) < 0.5
+    doc_ids = torch.zeros(rows, n, dtype=torch.int32)
+    g1, g2 = gen(3), gen(3)
+    out = apply_noise(tokens, eligible, doc_ids, MASK_ID, g1)
+    apply_noise(tokens, torch.ones_like(eligible), doc_ids, MASK_ID, g2)
+    assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
+    p = 1e-3 + (1 - 1e-3) * out.t
+    has = eligible.any(-1, keepdim=True)
+    assert ((out.mask_prob >= p - 1e-6) | ~has).all() and (out.mask_prob <= 1.0).all()
+    assert not (out.masked & ~eligible).any()
+    assert (out.masked.any(-1) == has.squeeze(-1)).all()
+
+
+def test_noise_range_limits_t():
+    doc_ids = doc_rows([5, 7, 4], [16])
+    t = sample_t(doc_ids, gen(0), t_range=(0.3, 0.8))
+    assert ((t >= 0.3) & (t <= 0.8)).all()
+    with pytest.raises(ValueError, match="t_min < t_max"):
+        sample_t(doc_ids, gen(0), t_range=(0.8, 0.3))
+
+
+def test_global_document_mask_joins_the_documents_of_a_window_but_not_its_padding():
+    """The paper's CPT mask: one document per window (blocks from the window start), padding apart;
+    the noise is still drawn per document."""
+    from megatron_sdar.config import DocumentMask
+
+    tokens = torch.arange(16).reshape(1, 16) + 10
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3]])  # doc 3: padding
+    eligible = doc_ids != 3
+    config = SDARConfig(block_size=4, mask_token_id=MASK_ID, document_mask=DocumentMask.GLOBAL)
+    batch = build_sdar_batch(tokens, doc_ids, eligible, config, gen(0))
+    assert batch.layout[0, 0].tolist() == [0] * 13 + [1] * 3
+    assert batch.layout[0, 1].tolist() == [i // 4 for i in range(16)]
+    assert_constant_per_unit_and_distinct(batch.t[:, :13], units(doc_ids[:, :13]))
+    separate = build_sdar_batch(
+        tokens, doc_ids, eligible, SDARConfig(block_size=4, mask_token_id=MASK_ID), gen(0)
+    )
+    assert separate.layout[0, 0].tolist() == doc_ids[0].tolist()
+    assert torch.equal(separate.masked, batch.masked)  # same noise either way

@@ -328,3 +328,148 @@ def test_append_eod_flags_exclude_each_other_and_keep_the_tokenizer_default(tmp_
     assert read_docs(str(tmp_path / "plain_text_document")) == with_eod
     assert read_docs(str(tmp_path / "noeod_text_document")) == [doc[:-1] for doc in with_eod]
     assert read_docs(str(tmp_path / "m_text_document")) == [doc[:-1] for doc in with_eod]
+
+
+# inputs from which nothing can be written, and what the error must say about them
+NOTHING_TO_WRITE = {
+    "empty file": ("in.jsonl", "", r"empty \(or only blank lines\): .*in.jsonl"),
+    "blank lines": ("in.jsonl", "\n  \n\n", r"empty \(or only blank lines\)"),
+    "wrong key": (
+        "in.jsonl",
+        "".join(json.dumps({"content": f"doc {i}", "id": i}) + "\n" for i in range(12)),
+        r"12 lines: missing key 'text' \(keys seen: 'content', 'id'\)\n.*in.jsonl:1: missing key",
+    ),
+    "JSON array": (
+        "in.json",
+        json.dumps([{"text": "one"}, {"text": "two"}], indent=2),
+        r"1 line: the file is a JSON array, not JSON lines .*in.json:1:",
+    ),
+    "one-line JSON array": (
+        "in.json",
+        json.dumps([{"text": "one"}, {"text": "two"}]),
+        r"the file is a JSON array, not JSON lines",
+    ),
+    "mixed reasons": (
+        "in.jsonl",
+        '{"text": ""}\n{broken\n{"text": 3}\n{"body": "x"}\n',
+        r"1 line: empty text under 'text'\n  1 line: invalid JSON \(Expecting property name enclosed in "
+        r"double quotes at column 2\)\n  1 line: key 'text' is int, not a string\n  1 line: missing key",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOTHING_TO_WRITE))
+def test_nothing_to_write_is_an_error_that_counts_the_reasons(case, tmp_path, sp_model):
+    name, text, message = NOTHING_TO_WRITE[case]
+    (tmp_path / name).write_text(text)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as raised:
+        preprocess_data.main(
+            [
+                "--input",
+                str(tmp_path / name),
+                "--tokenizer",
+                sp_model,
+                "--output-prefix",
+                str(out / "o"),
+                "--quiet",
+            ]
+        )
+    error = str(raised.value.code)
+    assert error.startswith("error: no documents to write; nothing was written"), error
+    assert re.search(message, error, re.S), error
+    assert list(out.iterdir()) == []  # no dataset, no temporary files
+
+
+def test_bytes_that_are_not_utf8_are_reported_with_file_and_line(tmp_path, sp_model, capsys):
+    tok = load_tokenizer(sp_model)
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_bytes(
+        b'{"text": "first"}\n{"text": "caf\xe9"}\n{"text": "\\ud800 escape"}\n{"text": "last"}\n'
+    )
+    base = ["--tokenizer", sp_model, "--quiet"]
+    summary = preprocess_data.main(["--input", str(jsonl), "--output-prefix", str(tmp_path / "j"), *base])
+    assert read_docs(str(tmp_path / "j_text_document")) == [
+        tok.encode(t) + [tok.eod_id] for t in ("first", "last")
+    ]
+    assert summary["dropped_by_reason"] == {"not UTF-8": 1, "unpaired surrogate under 'text'": 1}
+    printed = capsys.readouterr().out
+    assert f"{jsonl}:2: not UTF-8 (byte 0xe9 at column 14)" in printed
+    assert f"{jsonl}:3: unpaired surrogate under 'text' (\\ud800 at character 1)" in printed
+    with pytest.raises(SystemExit, match=r"in.jsonl:2: not UTF-8 \(byte 0xe9 at column 14\)"):
+        preprocess_data.main(
+            ["--input", str(jsonl), "--output-prefix", str(tmp_path / "s"), "--strict", *base]
+        )
+
+    text = tmp_path / "in.txt"
+    text.write_bytes(b"good one\nstill one\n\nbad \xff\ntwo\n\nthree\n")
+    expected = {
+        "paragraph": (["good one\nstill one", "three"], "in.txt:4: not UTF-8 (byte 0xff at column 5; its "
+                      "paragraph, from line 4, is skipped)"),
+        "line": (["good one", "still one", "two", "three"], "in.txt:4: not UTF-8 (byte 0xff at column 5)"),
+    }  # fmt: skip
+    for unit, (docs, reported) in expected.items():
+        prefix = tmp_path / unit
+        preprocess_data.main(
+            ["--input", str(text), "--output-prefix", str(prefix), "--text-unit", unit, *base]
+        )
+        assert read_docs(f"{prefix}_text_document") == [tok.encode(d) + [tok.eod_id] for d in docs]
+        assert reported in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"in.txt:4: not UTF-8 \(byte 0xff at column 5; the file, one "):
+        preprocess_data.main(
+            ["--input", str(text), "--output-prefix", str(tmp_path / "f"), "--text-unit", "file", *base]
+        )
+    assert not list(tmp_path.glob("[sf]_*"))
+
+
+def test_leftovers_of_a_killed_run_are_removed_on_the_next_start(tmp_path, sp_model, capsys):
+    import subprocess
+    import sys
+
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, DOCS)
+    name = tmp_path / "o_text_document"
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead = int(ended.stdout)
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [Path(f"{name}.tmp{dead}{ext}") for ext in (".bin", ".idx")]
+        live = Path(f"{name}.tmp{running.pid}.bin")
+        for path in [*stale, live]:
+            path.write_bytes(b"partial")
+        preprocess_data.main(
+            ["--input", str(src), "--tokenizer", sp_model, "--output-prefix", str(tmp_path / "o")]
+        )
+        err = capsys.readouterr().err
+        assert (
+            f"note: removed {stale[0]}, {stale[1]}: left by an interrupted run (process {dead} is no " in err
+        )
+        assert (
+            f"note: left alone {live}: temporary files of process {running.pid}, which is still running"
+            in err
+        )
+        assert not any(p.exists() for p in stale) and live.exists()
+        assert len(read_docs(str(name))) == len(DOCS)
+    finally:
+        running.kill()
+        running.wait()
+
+
+def test_progress_line_goes_to_stderr_with_rate_and_eta(tmp_path, sp_model, capsys):
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, DOCS * 4)
+    args = ["--input", str(src), "--tokenizer", sp_model, "--output-prefix", str(tmp_path / "o")]
+    preprocess_data.main([*args, "--log-interval", "5"])
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 3, lines  # documents 5 and 10, and the last line
+    size = src.stat().st_size  # read in buffers: so small a file is read at once
+    assert re.fullmatch(
+        rf"5 documents, [\d,]+ documents/s, {size} B of {size} B \(100%\) read, .*, ETA 0s", lines[0]
+    )
+    assert re.fullmatch(rf"12 documents, .*, {size} B of {size} B \(100%\) read, .*, done in \d+s", lines[2])
+    assert "documents/s" not in captured.out
+    preprocess_data.main([*args, "--log-interval", "5", "--quiet", "--overwrite"])
+    assert capsys.readouterr().err == ""

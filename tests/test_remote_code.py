@@ -319,3 +319,37 @@ def test_remote_generate_rejects_what_it_cannot_honour(export, tmp_path):
     before = cache.get_seq_length()
     model(torch.tensor([[11, 12, 13, 14]]), past_key_values=cache, store_kv=False)
     assert before == 8 and cache.get_seq_length() == 8
+
+
+def test_remote_generate_decodes_a_cut_last_block_as_the_library_does(export):
+    """max_new_tokens ending inside a block: the remote generate decodes that block whole and cuts
+    it exactly as the decoding library does (same tokens, same forward accounting), so for greedy
+    strategies a shorter output is the start of a longer one."""
+    kind, _, _, export_dir = export
+    if kind != "llama":
+        pytest.skip("one family is enough")
+    from transformers import AutoModelForCausalLM
+
+    from megatron_sdar.inference import HFBackend, generate_block_diffusion, load_hf_model
+
+    model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True, dtype=torch.float32)
+    backend = HFBackend(load_hf_model(str(export_dir))[0])
+    mask_id, width = model.config.mask_token_id, max(len(p) for p in PROMPTS)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
+    keep = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    for job in [j for j in JOBS if not j.get("do_sample")]:
+        longest = None
+        for n in (10, 7, 2):  # each n ends inside a block for at least one prompt
+            out = model.generate(
+                ids, attention_mask=keep, max_new_tokens=n, eos_token_id=[], return_dict_in_generate=True,
+                **job,
+            )  # fmt: skip
+            mine = generate_block_diffusion(
+                backend, PROMPTS, block_size=BLOCK, mask_token_id=mask_id, max_new_tokens=n,
+                **_library_kwargs(job),
+            )  # fmt: skip
+            assert out.sequences[:, width:].tolist() == mine.tokens, (job, n)
+            assert out.denoise_forwards == mine.denoise_forwards
+            assert abs(out.tokens_per_forward - mine.tokens_per_forward) < 1e-9
+            longest = longest or mine.tokens
+            assert mine.tokens == [t[:n] for t in longest], (job, n)

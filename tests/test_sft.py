@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -190,3 +191,172 @@ def test_sft_window_noise_never_touches_prompt(tmp_path, chat_tokenizer_dir):
         pos = batch.position_ids[0, :64]
         starts = torch.nonzero(s["doc_ids"][1:] != s["doc_ids"][:-1]).flatten() + 1
         assert pos[0] == 0 and all(pos[j] == 0 for j in starts.tolist())
+
+
+# a template in the style of those that insist on user/assistant alternation (after an optional system
+# message) and refuse anything else with raise_exception
+ALTERNATING = (
+    "{% set turns = messages[1:] if messages[0]['role'] == 'system' else messages %}"
+    "{% for m in turns %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+    "{% endif %}{% endfor %}" + CHATML
+)
+
+
+@pytest.fixture(scope="module")
+def alternating_tokenizer_dir(chat_tokenizer_dir, tmp_path_factory) -> str:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    tok.chat_template = ALTERNATING
+    out = tmp_path_factory.mktemp("alternating")
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def sft_args(src, tokenizer, prefix, *more) -> list[str]:
+    return ["--input", str(src), "--tokenizer", tokenizer, "--output-prefix", str(prefix),
+            "--seq-length", "48", "--block-size", "4", *more]  # fmt: skip
+
+
+def turns(*roles: str) -> dict:
+    return {
+        "messages": [{"role": r, "content": "hello there" if r != "assistant" else "four"} for r in roles]
+    }
+
+
+# each unusable line, and the reason reported for it (file:line: reason)
+UNUSABLE = [
+    ("{bad json", "invalid JSON (Expecting property name enclosed in double quotes at column 2)"),
+    ("[1, 2]", "expected a JSON object, got list"),
+    ({"text": "x"}, "expected 'messages' or 'prompt' and 'response' keys"),
+    ({"messages": [{"role": "user"}]}, "message 0 needs string 'role' and 'content'"),
+    ({"messages": [{"role": "user", "content": "x"}, {"content": "y"}]}, "message 1 needs string 'role' and"),
+    ({"prompt": 3, "response": "four"}, "'prompt' and 'response' must be strings"),
+    (turns("assistant", "user", "assistant"), "the chat starts with the assistant's turn"),
+    (turns("user", "user", "assistant"), "the chat template fails (TemplateError: Conversation roles must "),
+    (
+        {"prompt": "hello \ud800", "response": "four"},
+        "unpaired surrogate in the text of 'prompt' (\\ud800 at ",
+    ),
+]
+
+
+def test_unusable_chats_are_reported_with_file_and_line(tmp_path, alternating_tokenizer_dir, capsys):
+    src = tmp_path / "chat.jsonl"
+    good = {"prompt": "what is two plus two", "response": "the answer is four"}
+    rows = [good] + [row for row, _ in UNUSABLE] + [turns("system", "user", "assistant")]
+    with src.open("wb") as f:
+        for row in rows:
+            f.write(((row if isinstance(row, str) else json.dumps(row)) + "\n").encode())
+        f.write(b'{"prompt": "caf\xe9", "response": "four"}\n')
+    summary = preprocess_sft.main(sft_args(src, alternating_tokenizer_dir, tmp_path / "sft"))
+    assert summary["examples"] == 2 and summary["dropped"] == len(UNUSABLE) + 1
+    printed = capsys.readouterr().out
+    for line, (_, reason) in enumerate(UNUSABLE, 2):
+        assert f"{src}:{line}: {reason}" in printed, (line, reason, printed)
+    assert f"{src}:{len(rows) + 1}: not UTF-8 (byte 0xe9 at column 16)" in printed
+    # --strict: the first unusable line is the error, here a chat the template refuses
+    write_chat(src, [good, turns("user", "user", "assistant"), "{bad json"])
+    with pytest.raises(SystemExit) as raised:
+        preprocess_sft.main(sft_args(src, alternating_tokenizer_dir, tmp_path / "strict", "--strict"))
+    assert str(raised.value.code).startswith(f"error: {src}:2: {UNUSABLE[-2][1]}"), raised.value.code
+    assert not list(tmp_path.glob("strict*"))
+
+
+def test_no_usable_examples_is_an_error_that_counts_the_reasons(tmp_path, chat_tokenizer_dir):
+    src = tmp_path / "chat.jsonl"
+    long = {"prompt": "hello", "response": "the answer is four " * 10}
+    write_chat(src, ["{bad", "{bad", turns("assistant", "user", "assistant"), long, long])
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as raised:
+        preprocess_sft.main(sft_args(src, chat_tokenizer_dir, out / "sft"))
+    error = str(raised.value.code)
+    assert error.startswith("error: no usable examples; every line was dropped:\n")
+    assert (
+        "  2 lines: invalid JSON (Expecting property name enclosed in double quotes at column 2)\n" in error
+    )
+    assert "  1 line: the chat starts with the assistant's turn (there is no prompt before it)\n" in error
+    assert f"  {src}:1: invalid JSON" in error
+    assert "  2 examples: too long (dropped)\n" in error
+    assert re.search(
+        r"longest dropped example has \d+ tokens and --seq-length is 48: raise --seq-length", error
+    )
+    assert list(out.iterdir()) == []
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(SystemExit, match="no usable examples: the input holds no non-blank lines"):
+        preprocess_sft.main(sft_args(tmp_path / "empty.jsonl", chat_tokenizer_dir, out / "sft"))
+
+
+def pack_in_memory(src, tokenizer_dir: str, seq_length: int, block_size: int):
+    """Every example tokenised and held, then packed: what the tool writes, without its scratch file."""
+    tok = load_tokenizer(tokenizer_dir)
+    examples = []
+    for line in src.read_text().splitlines():
+        ex = pad_to_block(tokenize_chat(tok, example_messages(json.loads(line))), block_size, tok.eod_id)
+        if len(ex) <= seq_length:
+            examples.append(ex)
+    windows = []
+    for pack in pack_greedy([len(e) for e in examples], seq_length):
+        tokens = [t for i in pack for t in examples[i].tokens]
+        codes = [2 * k + e for k, i in enumerate(pack, 1) for e in examples[i].eligible]
+        windows.append((tokens, codes))
+    return windows
+
+
+def chats(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    words = "what is two plus two the answer is four hello there".split()
+    return [
+        {"prompt": " ".join(rng.choices(words, k=rng.randint(1, 8))),
+         "response": " ".join(rng.choices(words, k=rng.randint(1, 30)))}
+        for _ in range(n)
+    ]  # fmt: skip
+
+
+def test_windows_are_those_of_packing_everything_in_memory(tmp_path, chat_tokenizer_dir, capsys):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    src = tmp_path / "chat.jsonl"
+    write_chat(src, chats(60))
+    prefix = tmp_path / "sft"
+    leftover = tmp_path / "sft_tokens.tmp999999999.examples"  # no process has that id
+    leftover.write_bytes(b"\0" * 10)
+    summary = preprocess_sft.main(sft_args(src, chat_tokenizer_dir, prefix, "--seq-length", "64"))
+    assert f"note: removed {leftover}: left by an interrupted run" in capsys.readouterr().err
+    tokens, segments = IndexedDataset(f"{prefix}_tokens"), IndexedDataset(f"{prefix}_segments")
+    expected = pack_in_memory(src, chat_tokenizer_dir, 64, 4)
+    assert summary["windows"] == len(tokens) == len(expected) > 1
+    for i, (window_tokens, codes) in enumerate(expected):
+        assert tokens[i].tolist() == window_tokens and segments[i].tolist() == codes
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "chat.jsonl", "sft_segments.bin", "sft_segments.idx", "sft_tokens.bin", "sft_tokens.idx"
+    ]  # fmt: skip
+
+
+def test_memory_does_not_grow_with_the_number_of_examples(tmp_path, chat_tokenizer_dir):
+    """Holding the examples costs at least 5 bytes a token (numpy; ~45 as Python lists); streaming them
+    through the scratch file costs a few bytes an example."""
+    import tracemalloc
+
+    def traced_peak(n: int) -> tuple[int, int]:
+        src = tmp_path / f"chat{n}.jsonl"
+        write_chat(
+            src, [{"prompt": "hello", "response": "the answer is four " * 150 + str(i)} for i in range(n)]
+        )
+        argv = sft_args(src, chat_tokenizer_dir, tmp_path / f"sft{n}", "--seq-length", "1024", "--quiet")
+        tracemalloc.start()
+        try:
+            summary = preprocess_sft.main(argv)
+            return summary["tokens"], tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    warm = tmp_path / "warm.jsonl"
+    write_chat(warm, chats(2))
+    preprocess_sft.main(sft_args(warm, chat_tokenizer_dir, tmp_path / "warm", "--quiet"))  # imports, caches
+    small_tokens, small_peak = traced_peak(10)
+    large_tokens, large_peak = traced_peak(60)
+    per_token = (large_peak - small_peak) / (large_tokens - small_tokens)
+    assert large_tokens - small_tokens > 30_000
+    assert per_token < 1.0, f"peak memory grows by {per_token:.1f} bytes per input token"

@@ -4,7 +4,9 @@ Each run is a subprocess under ``tests/cpu_cuda.py`` (CUDA calls mapped onto the
 prove what only the whole loop can: SDAR CPT trains, logs the SDAR metrics, saves Megatron
 checkpoints, and a run stopped at step N and resumed reaches bit-identical weights, optimizer state
 and losses; SFT windows and the AR baseline train; ``--finetune`` starts from a checkpoint written
-by ``tools/convert_hf_to_mcore.py``; a checkpoint trained at TP=2 exports to HF.
+by ``tools/convert_hf_to_mcore.py``; a checkpoint trained at TP=2 exports to HF; TensorBoard (and
+W&B, offline, when installed) gets the console's metrics under the same names; settings that cannot
+run stop the entry before any model is built, all listed in one message.
 
 With ``SDAR_TRAIN_LOOP_ON_CUDA=1`` on a GPU machine the same tests run the loop on the GPU instead
 (NCCL, FlexAttention; tests that need more ranks than GPUs are skipped).
@@ -12,6 +14,7 @@ With ``SDAR_TRAIN_LOOP_ON_CUDA=1`` on a GPU machine the same tests run the loop 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -62,10 +65,12 @@ def corpus(tmp_path_factory):
 ON_CUDA = os.environ.get("SDAR_TRAIN_LOOP_ON_CUDA") == "1"
 
 
-def train(flags: list[str], nproc: int = 1) -> str:
-    """Run ``pretrain_sdar.py`` with ``flags`` on CPU (or the GPU, see above); return its output
-    (fails the test on error)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+def run_training(flags: list[str], nproc: int = 1, env: dict[str, str] | None = None):
+    """Run ``pretrain_sdar.py`` with ``flags`` on CPU (or the GPU, see above), with ``env`` added to
+    the environment; return the finished process (output captured as text)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    common = {"PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, **common, **(env or {})}
     if ON_CUDA:
         if torch.cuda.device_count() < nproc:
             pytest.skip(f"needs {nproc} GPUs")
@@ -80,7 +85,12 @@ def train(flags: list[str], nproc: int = 1) -> str:
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
         cmd += ["--master-addr", "127.0.0.1", "--master-port", port, *script]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def train(flags: list[str], nproc: int = 1, env: dict[str, str] | None = None) -> str:
+    """:func:`run_training`'s output (fails the test on error)."""
+    proc = run_training(flags, nproc, env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     return out
@@ -359,3 +369,105 @@ def test_moe_finetune_with_expert_parallelism(corpus, tmp_path):
     assert type(model).__name__ == "Qwen3MoeForCausalLM"
     with torch.no_grad():
         assert torch.isfinite(model(torch.arange(8).unsqueeze(0)).logits).all()
+
+
+def test_settings_problems_stop_before_any_model_with_one_message(corpus, tmp_path):
+    """Weights named by ``--finetune --load`` that are not there, and two SDAR settings that cannot
+    work: one message lists all three, exit status 2, no traceback, nothing built."""
+    (tmp_path / "empty").mkdir()  # e.g. a conversion killed before it wrote its checkpoint
+    flags = [*MODEL, *LOOP, *corpus["data"], "--sdar-mask-token-id", corpus["mask"], "--train-iters", "2"]
+    flags += ["--finetune", "--load", str(tmp_path / "empty")]
+    flags += ["--sdar-block-size", "5", "--sdar-noise-eps", "2"]
+    proc = run_training(flags)
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    message = proc.stderr[proc.stderr.index("error: invalid settings (3 to fix):") :].splitlines()
+    assert len(message) == 4
+    assert message[1].startswith(f"  - --finetune --load {tmp_path / 'empty'}: ")
+    assert "no Megatron checkpoint" in message[1]
+    assert "not a multiple of the SDAR block size 5" in message[2] and "--sdar-noise-eps" in message[3]
+    assert "initializing torch distributed" not in proc.stdout and "number of parameters" not in proc.stdout
+
+
+LOGGED = {*METRICS, "data tokens/s"}  # what the forward step reports, printed and written alike
+
+
+def wandb_history(run_dir: Path) -> dict[int, dict[str, float]]:
+    """The history rows of an offline W&B run, by step, read from its ``run-*.wandb`` file (records
+    in LevelDB's log format: 32 KiB blocks of chunks with a 7-byte header, after a 7-byte file header)."""
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    rows, pos, pending = {}, 7, b""
+    while pos + 7 <= len(data):
+        room = 32768 - pos % 32768
+        if room < 7:  # the rest of a block too short for a header is padding
+            pos += room
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record.FromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                       for item in record.history.item}  # fmt: skip
+                rows.setdefault(int(row.get("_step", -1)), {}).update(row)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def logged_run(corpus, tmp_path_factory):
+    """One short run with ``--tensorboard-dir`` and, when wandb is installed, ``--wandb-project``
+    (offline, everything under the test's folder)."""
+    if importlib.util.find_spec("tensorboard") is None:  # W&B too is written only beside TensorBoard
+        pytest.fail("tensorboard is not installed (in the dev and logging extras): pip install tensorboard")
+    work = tmp_path_factory.mktemp("logging")
+    flags = [*MODEL, *LOOP, *corpus["data"], "--sdar-mask-token-id", corpus["mask"], "--sdar-block-size", "4"]
+    flags += ["--train-iters", "3", "--eval-interval", "3", "--eval-iters", "1"]
+    flags += ["--tensorboard-dir", str(work / "tensorboard")]
+    env = {}
+    if importlib.util.find_spec("wandb") is not None:
+        flags += ["--wandb-project", "sdar-test", "--wandb-exp-name", "tiny", "--wandb-save-dir", str(work)]
+        env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": str(work / "config"),
+               "WANDB_CACHE_DIR": str(work / "cache"), "WANDB_DATA_DIR": str(work / "data")}  # fmt: skip
+    return {"log": train(flags, env=env), "work": work}
+
+
+def test_tensorboard_gets_what_the_console_log_prints(logged_run):
+    """The event files (read with TensorBoard's own reader) hold every metric the console prints,
+    under the same names, with the same values, plus their validation figures."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logged_run["work"] / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    reported = {tag for tag in tags if f"{tag} validation" in tags}  # the forward step's report
+    assert reported == LOGGED
+    printed = iterations(logged_run["log"])
+    assert sorted(printed) == [1, 2, 3] and LOGGED <= set(printed[3])
+    for key in LOGGED:
+        written = {e.step: e.value for e in events.Scalars(key)}
+        assert sorted(written) == [1, 2, 3], key
+        # iteration 1 and 3 are printed on their own (Megatron folds 1 into the report of 2)
+        for it in (1, 3):
+            assert written[it] == pytest.approx(float(printed[it][key]), rel=1e-5, abs=1e-9), (key, it)
+    checked = validation(logged_run["log"], 3)
+    for key in METRICS:
+        first = events.Scalars(f"{key} validation")[0]
+        assert first.step == 3 and first.value == pytest.approx(float(checked[key]), rel=1e-5, abs=1e-9)
+
+
+def test_wandb_offline_run_gets_the_same_metrics(logged_run):
+    if importlib.util.find_spec("wandb") is None:
+        pytest.skip("wandb is not installed (the logging extra)")
+    (run_dir,) = (logged_run["work"] / "wandb").glob("offline-run-*")
+    history = wandb_history(run_dir)
+    printed = iterations(logged_run["log"])
+    assert {1, 2, 3} <= set(history)
+    for key in LOGGED:
+        assert history[3][key] == pytest.approx(float(printed[3][key]), rel=1e-5, abs=1e-9), key
+    assert LOGGED <= set(history[1]) and {f"{key} validation" for key in LOGGED} <= set(history[3])

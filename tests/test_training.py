@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatron_sdar.config import SDARConfig
-from megatron_sdar.training.arguments import validate_sdar_args
+from megatron_sdar.training.arguments import sdar_config_from_args, validate_sdar_args
 from megatron_sdar.training.datasets import EpochDataset, SDARSampleDataset
 from megatron_sdar.training.step import ar_forward
 
@@ -406,3 +406,95 @@ def test_flex_kernel_options_flag(monkeypatch):
     for bad in ("{bwd_num_warps: 8}", "[1, 2]"):
         with pytest.raises(SystemExit):
             parse(["--sdar-flex-kernel-options", bad], monkeypatch)
+
+
+def test_every_settings_problem_is_listed_at_once(monkeypatch):
+    """Problems of several kinds, including several that SDARConfig.validate finds one at a time."""
+    from megatron_sdar.training.arguments import SettingsError
+
+    extra = ["--sdar-block-size", "5", "--sdar-noise-eps", "1.5", "--sdar-mask-token-id", "500",
+             "--sdar-noise-range", "0.8", "0.3"]  # fmt: skip
+    args = parse([*extra, "--attention-dropout", "0.1"], monkeypatch)
+    with pytest.raises(SettingsError) as err:
+        validate_sdar_args(args, vocab_size=128)
+    wanted = ["--attention-dropout 0", "not a multiple of the SDAR block size 5", "--sdar-noise-eps",
+              "outside the vocabulary", "--sdar-noise-range"]  # fmt: skip
+    assert len(err.value.problems) == len(wanted)
+    assert all(any(w in p for p in err.value.problems) for w in wanted), err.value.problems
+    message = str(err.value).splitlines()
+    assert message[0] == "invalid settings (5 to fix):" and all(m.startswith("  - ") for m in message[1:])
+
+
+def test_noise_range_and_empty_rows_reach_the_config(monkeypatch):
+    args = parse(["--sdar-noise-range", "0.3", "0.8", "--sdar-empty-rows", "force"], monkeypatch)
+    config = sdar_config_from_args(args)
+    assert config.noise_range == (0.3, 0.8) and config.empty_rows == "force"
+    default = sdar_config_from_args(parse([], monkeypatch))
+    assert default.noise_range == (0.0, 1.0) and default.empty_rows == "redraw"
+
+
+def _start(extra: list[str], monkeypatch):
+    from megatron_sdar.training.arguments import fresh_start_notice, start_checkpoint_problems
+
+    args = parse(extra, monkeypatch)
+    return start_checkpoint_problems(args), fresh_start_notice(args)
+
+
+def test_finetune_needs_the_checkpoint_it_names(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    problems, _ = _start(["--finetune", "--load", str(tmp_path / "empty")], monkeypatch)
+    assert len(problems) == 1 and "holds no Megatron checkpoint" in problems[0]
+    assert problems[0].startswith(f"--finetune --load {tmp_path / 'empty'}: ")
+    problems, _ = _start(["--finetune", "--load", str(tmp_path / "typo")], monkeypatch)
+    assert "does not exist" in problems[0] and "random weights" in problems[0]
+    problems, _ = _start(["--finetune"], monkeypatch)
+    assert problems and "pass --load DIR" in problems[0]
+    # even where --load is also --save: --finetune names weights to start from
+    flags = ["--finetune", "--load", str(tmp_path / "empty"), "--save", str(tmp_path / "empty")]
+    assert _start([*flags, "--save-interval", "1"], monkeypatch)[0]
+    (tmp_path / "empty" / "latest_checkpointed_iteration.txt").write_text("release")
+    assert _start(["--finetune", "--load", str(tmp_path / "empty")], monkeypatch) == ([], None)
+
+
+def test_a_load_that_is_the_save_folder_may_start_fresh(tmp_path, monkeypatch):
+    """The requeue pattern (--load equal to --save) starts fresh on its first run, saying so in one
+    line; an empty --load anywhere else is a wrong path."""
+    run = str(tmp_path / "run")
+    problems, notice = _start(["--load", run, "--save", run + "/", "--save-interval", "5"], monkeypatch)
+    assert problems == [] and notice.startswith(f"no checkpoint in --load {run} yet: starting from random")
+    assert "\n" not in notice
+    problems, notice = _start(["--load", str(tmp_path / "other"), "--save", run, "--save-interval", "5"],
+                              monkeypatch)  # fmt: skip
+    assert len(problems) == 1 and "not --save, so there is nothing to resume" in problems[0] and not notice
+    assert _start(["--load", run, "--save", run, "--save-interval", "5", "--exit-on-missing-checkpoint"],
+                  monkeypatch)[0]  # fmt: skip
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "latest_checkpointed_iteration.txt").write_text("10")
+    assert _start(["--load", run, "--save", run, "--save-interval", "5"], monkeypatch) == ([], None)
+    # --pretrained-checkpoint is used when --load holds none; it must hold one then
+    problems, _ = _start(["--load", str(tmp_path / "new"), "--pretrained-checkpoint", str(tmp_path / "x")],
+                         monkeypatch)  # fmt: skip
+    assert problems and problems[0].startswith("--pretrained-checkpoint ")
+    problems, notice = _start(["--load", str(tmp_path / "new"), "--pretrained-checkpoint", run], monkeypatch)
+    assert problems == [] and notice is None
+
+
+def test_wandb_without_tensorboard_is_refused(tmp_path, monkeypatch):
+    """megatron-core 0.19.2 writes W&B only beside TensorBoard: W&B alone would log nothing."""
+    from megatron_sdar.training.arguments import logging_problems
+
+    wandb = ["--wandb-project", "p", "--wandb-exp-name", "e"]
+    problems = logging_problems(parse(wandb, monkeypatch))
+    assert len(problems) == 1 and "--tensorboard-dir" in problems[0]
+    assert logging_problems(parse([*wandb, "--tensorboard-dir", str(tmp_path)], monkeypatch)) == []
+
+
+def test_global_document_mask_is_for_cpt_only(monkeypatch):
+    from megatron_sdar.training.arguments import SettingsError
+
+    args = parse(["--sdar-document-mask", "global"], monkeypatch)
+    assert sdar_config_from_args(args).document_mask == "global"
+    validate_sdar_args(args, vocab_size=128)
+    sft = parse(["--sdar-document-mask", "global", "--sdar-stage", "sft"], monkeypatch)
+    with pytest.raises(SettingsError, match="global is the CPT mask"):
+        validate_sdar_args(sft, vocab_size=128)

@@ -8,9 +8,16 @@ The checkpoint (``--save/release`` + ``latest_checkpointed_iteration.txt``) is M
 format, which Megatron reshards on load, so it starts ``pretrain_sdar.py --finetune --load`` at any
 tensor/pipeline layout whose divisibility rules it meets; the parallel sizes given here are checked
 and fix the vocabulary padding (``--make-vocab-size-divisible-by`` x TP). Weights are read and
-written one parameter at a time (peak memory about one parameter). Also written:
-``sdar_architecture.json`` (the architecture, the Megatron flags it implies and the weights' dtype)
-and the tokenizer files under ``tokenizer/``.
+written one parameter at a time (peak memory about one parameter; the RSS also counts the pages of
+the memory-mapped safetensors files read so far, which the kernel can drop: see
+benchmarks/conversion_memory.py). Also written: ``sdar_architecture.json`` (the architecture, the
+Megatron flags it implies and the weights' dtype) and the tokenizer files under ``tokenizer/``.
+
+The ``--save`` folder is written as a whole under a temporary sibling name
+(``<save>.tmp-<host>-<pid>``) and renamed into place when complete, so a failed conversion leaves
+nothing; what a killed one left is removed by the next conversion to the same folder, which says
+so, and a conversion still running there is not disturbed: the second one is refused. A long
+conversion reports its progress (parameters, GB, rate, time left) on stderr every few seconds.
 
 Released SDAR folders (``SDARForCausalLM`` / ``SDARMoeForCausalLM``, e.g. SDAR-4B-Chat or
 SDAR-30B-A3B-Chat) convert as they are: their ``block_size`` and ``mask_token_id`` are recorded.
@@ -90,16 +97,30 @@ def resolve_mask_token(hf_dir: str, value: str | None, vocab_size: int) -> tuple
     else:
         from transformers import AutoTokenizer
 
+        from megatron_sdar.data.tokenizer import VOCABULARY_FILES, has_tokenizer_files
+
+        ask_for_id = f"pass an id instead: an unused row below {vocab_size}, or {vocab_size} to add a row"
+        if not has_tokenizer_files(hf_dir):
+            # transformers would make an empty tokenizer from config.json alone and give the
+            # string the first free id, which is a trained row
+            raise SystemExit(
+                f"error: --mask-token {value!r} is a string but {hf_dir} has no tokenizer (none of "
+                f"{', '.join(VOCABULARY_FILES)}); {ask_for_id}"
+            )
         try:
             # SDAR folders name remote code in config.json (auto_map); the tokenizer needs none, and
             # without trust_remote_code=False transformers would stop to ask whether to run it.
             tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True, trust_remote_code=False)
         except Exception as err:
-            msg = (
+            raise SystemExit(
                 f"error: --mask-token {value!r} is a string but {hf_dir} has no tokenizer ({err}); "
-                f"pass an id instead: an unused row below {vocab_size}, or {vocab_size} to add a row"
+                f"{ask_for_id}"
+            ) from None
+        if len(tok) <= len(set(tok.all_special_ids)):
+            raise SystemExit(
+                f"error: --mask-token {value!r} is a string but the tokenizer in {hf_dir} is empty (no "
+                f"tokens beyond its special ones); {ask_for_id}"
             )
-            raise SystemExit(msg) from None
         token_id = tok.convert_tokens_to_ids(value)
         if token_id is None or token_id == tok.unk_token_id:
             tok.add_tokens([value], special_tokens=True)
@@ -140,9 +161,7 @@ def choose_sdar_fields(arch, args, hf_rows: int) -> tuple[object | None, list[st
             )
         arch.mask_token_id = token_id
         sources["mask token id"] = "--mask-token"
-    if args.block_size is not None:
-        if args.block_size < 1:
-            raise SystemExit(f"error: --block-size must be positive, not {args.block_size}")
+    if args.block_size is not None:  # positive (check_sizes)
         if arch.block_size is not None and args.block_size != arch.block_size:
             lines.append(
                 f"notice: --block-size {args.block_size} replaces config.json's block_size {arch.block_size}"
@@ -157,6 +176,19 @@ def choose_sdar_fields(arch, args, hf_rows: int) -> tuple[object | None, list[st
         )
     )
     return added, lines
+
+
+def check_sizes(args) -> None:
+    """Refuse parallel sizes and a vocabulary divisor below 1 (they divide the vocabulary)."""
+    for flag in (
+        "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--expert-model-parallel-size",
+        "--make-vocab-size-divisible-by",
+    ):  # fmt: skip
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value < 1:
+            raise SystemExit(f"error: {flag} must be a positive integer, not {value}")
+    if args.block_size is not None and args.block_size < 1:
+        raise SystemExit(f"error: --block-size must be positive, not {args.block_size}")
 
 
 def check_layout(arch, args) -> None:
@@ -188,15 +220,20 @@ def check_layout(arch, args) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    check_sizes(args)
     import torch
 
+    from megatron_sdar.atomic import atomic_directory, refuse_to_replace, remove_stale_temporaries
     from megatron_sdar.conversion.architecture import padded_vocab
     from megatron_sdar.conversion.hf import SafetensorsReader, default_dtype, read_architecture, read_config
     from megatron_sdar.conversion.mapping import AttentionShape, mcore_names_for_hf, mcore_param_from_hf
     from megatron_sdar.conversion.megatron import ARCHITECTURE_FILE, meta_model
-    from megatron_sdar.conversion.torch_dist import checkpoint_layout, save_torch_dist
+    from megatron_sdar.conversion.torch_dist import Progress, checkpoint_layout, save_torch_dist
 
     try:
+        if os.path.isdir(args.save):  # what earlier versions left inside --save when interrupted
+            remove_stale_temporaries(os.path.join(args.save, "release"))
+        refuse_to_replace(args.save, args.overwrite)
         arch = read_architecture(
             args.hf_dir, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
         )
@@ -206,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
             dtype_name, dtype_source = default_dtype(read_config(args.hf_dir), stored)
         else:
             dtype_name, dtype_source = DTYPES[args.dtype], "--dtype"
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     check_layout(arch, args)
     hf_rows = arch.vocab_size
@@ -237,9 +274,15 @@ def main(argv: list[str] | None = None) -> dict:
             f"{sorted(params - wanted)[:5]}, unused HF {sorted(wanted - params)[:5]}"
         )
     expected = {n: tuple(p.shape) for n, p in meta.named_parameters()}
+    dtype = getattr(torch, dtype_name)
+    total = sum(torch.Size(expected[n]).numel() for n in params) * dtype.itemsize
+    progress = Progress("convert_hf_to_mcore", len(params), total)
 
     def fetch(name: str) -> torch.Tensor:
-        tensor = mcore_param_from_hf(name, reader, shape)
+        try:
+            tensor = mcore_param_from_hf(name, reader, shape)
+        except RuntimeError as err:  # a HF tensor of the wrong size for the config
+            raise SystemExit(f"error: {name}: cannot build it from the HF tensors ({err})") from None
         if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
             if arch.vocab_size > tensor.shape[0]:  # the added mask token: start from the mean row
                 tensor = torch.cat([tensor, tensor.float().mean(0, keepdim=True).to(tensor.dtype)])
@@ -249,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(
                 f"error: {name}: HF gives shape {tuple(tensor.shape)}, expected {expected[name]}"
             )
+        progress.step(tensor.numel() * dtype.itemsize)
         return tensor
 
     common = {
@@ -265,21 +309,25 @@ def main(argv: list[str] | None = None) -> dict:
             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         ),  # fmt: skip
     }
-    dtype = getattr(torch, dtype_name)
+    # The whole folder (checkpoint, tracker, architecture, tokenizer) is written under a temporary
+    # name and renamed into place: a failed or interrupted conversion leaves no --save folder.
     try:
-        path = save_torch_dist(args.save, layout, fetch, common, dtype=dtype, overwrite=args.overwrite)
-    except FileExistsError as err:
+        with atomic_directory(args.save, overwrite=args.overwrite) as tmp:
+            save_torch_dist(tmp, layout, fetch, common, dtype=dtype, overwrite=True)
+            with open(os.path.join(tmp, ARCHITECTURE_FILE), "w") as f:
+                json.dump({**arch.to_json(), "dtype": dtype_name, "dtype_source": dtype_source}, f, indent=2)
+            copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(args.hf_dir, n))]
+            if added_tokenizer is not None:
+                added_tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+                copied = [n for n in copied if n == "generation_config.json"]
+            if copied:
+                os.makedirs(os.path.join(tmp, "tokenizer"), exist_ok=True)
+                for name in copied:
+                    shutil.copy2(os.path.join(args.hf_dir, name), os.path.join(tmp, "tokenizer", name))
+    except (OSError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
-    with open(os.path.join(args.save, ARCHITECTURE_FILE), "w") as f:
-        json.dump({**arch.to_json(), "dtype": dtype_name, "dtype_source": dtype_source}, f, indent=2)
-    copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(args.hf_dir, n))]
-    if added_tokenizer is not None:
-        added_tokenizer.save_pretrained(os.path.join(args.save, "tokenizer"))
-        copied = [n for n in copied if n == "generation_config.json"]
-    if copied:
-        os.makedirs(os.path.join(args.save, "tokenizer"), exist_ok=True)
-        for name in copied:
-            shutil.copy2(os.path.join(args.hf_dir, name), os.path.join(args.save, "tokenizer", name))
+    progress.done()
+    path = os.path.join(args.save, "release")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"wrote {path} ({len(layout.chunks)} tensor chunks, {dtype_name}); peak RSS {peak_mb:.0f} MB")
     print("architecture flags: " + " ".join(arch.megatron_args()))

@@ -17,6 +17,8 @@ next to the checkpoint (written by convert_hf_to_mcore.py) or, for a checkpoint 
 ``pretrain_sdar.py``, from the Megatron arguments stored in it (its tokenizer directory is copied too).
 Tensors keep the dtype they are stored in unless ``--dtype`` names one.
 Tensors are read one parameter at a time and written in safetensors shards with an index.
+The folder is written under a temporary sibling name and renamed into place when complete (see
+convert_hf_to_mcore.py); a long export reports its progress on stderr every few seconds.
 """
 
 from __future__ import annotations
@@ -78,18 +80,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    for flag, value in (
+        ("--max-shard-size-mb", args.max_shard_size_mb), ("--block-size", args.block_size),
+        ("--vocab-size", args.vocab_size),
+    ):  # fmt: skip
+        if value is not None and value < 1:
+            raise SystemExit(f"error: {flag} must be a positive integer, not {value}")
+    if args.mask_token_id is not None and args.mask_token_id < 0:
+        raise SystemExit(f"error: --mask-token-id must not be negative, not {args.mask_token_id}")
+    if args.architecture and not os.path.isfile(args.architecture):
+        raise SystemExit(f"error: --architecture {args.architecture} is not a file")
     import torch
     from safetensors.torch import save_file
 
     from megatron_sdar.conversion.mapping import AttentionShape, hf_params_from_mcore
     from megatron_sdar.conversion.megatron import checkpoint_architecture, meta_model, resolve_checkpoint
-    from megatron_sdar.conversion.torch_dist import checkpoint_layout, read_parameter, stored_dtypes
+    from megatron_sdar.conversion.torch_dist import Progress, checkpoint_layout, read_parameter, stored_dtypes
 
     try:
         ckpt = resolve_checkpoint(args.load, args.iteration)
         arch, saved = checkpoint_architecture(args.load, ckpt, args.vocab_size, args.architecture)
-    except ValueError as err:
+    except (OSError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
+    if args.mask_token_id is not None and args.mask_token_id >= arch.vocab_size:
+        raise SystemExit(
+            f"error: --mask-token-id {args.mask_token_id} is not a row of the checkpoint's "
+            f"{arch.vocab_size}-row vocabulary"
+        )
     arch.block_size = args.block_size or arch.block_size
     arch.mask_token_id = args.mask_token_id if args.mask_token_id is not None else arch.mask_token_id
     tokenizer_dir = args.tokenizer_dir or os.path.join(args.load, "tokenizer")
@@ -116,7 +133,10 @@ def main(argv: list[str] | None = None) -> dict:
     shape = AttentionShape(arch.num_attention_heads, arch.num_query_groups, arch.kv_channels)
     # Each parameter keeps its stored dtype unless --dtype names one; torch_dtype names the dtype
     # most weight elements end up in (HF casts the rest to it on load unless told otherwise).
-    stored = stored_dtypes(ckpt)
+    try:
+        stored = stored_dtypes(ckpt)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     kept = {param: stored.get(chunks[0].key, chunks[0].dtype) for param, chunks in by_param.items()}
     dtypes = {param: getattr(torch, DTYPES[args.dtype]) for param in kept} if args.dtype else kept
     elements: dict[str, int] = {}
@@ -144,7 +164,11 @@ def main(argv: list[str] | None = None) -> dict:
             weight_map.update({k: name for k in shard})
             shard, shard_bytes = {}, 0
 
-    with atomic_directory(args.save, overwrite=args.overwrite) as tmp:
+    total = sum(torch.Size(shapes[p]).numel() * dt.itemsize for p, dt in dtypes.items())
+    progress = Progress("convert_mcore_to_hf", len(by_param), total)
+
+    def write(tmp: str) -> None:
+        nonlocal shard_bytes
         for param, chunks in by_param.items():
             loaded = read_parameter(ckpt, chunks, shapes[param], kept[param])
             if param in ("embedding.word_embeddings.weight", "output_layer.weight"):
@@ -154,10 +178,11 @@ def main(argv: list[str] | None = None) -> dict:
                 shard_bytes += tensor.numel() * tensor.element_size()
             if shard_bytes >= args.max_shard_size_mb * 2**20:
                 flush(tmp)
+            progress.step(torch.Size(shapes[param]).numel() * dtypes[param].itemsize)
         flush(tmp)
         if len(files) > 1:
-            total = sum(os.path.getsize(os.path.join(tmp, f)) for f in files)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            size = sum(os.path.getsize(os.path.join(tmp, f)) for f in files)
+            index = {"metadata": {"total_size": size}, "weight_map": weight_map}
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
         else:
@@ -174,13 +199,21 @@ def main(argv: list[str] | None = None) -> dict:
         hf_export.write_generation_config(tmp, config_json, args.format)
         if args.format == "sdar":
             hf_export.write_remote_code(tmp, moe=bool(arch.num_experts))
-            if os.path.isdir(tokenizer_dir):
-                try:
-                    token = hf_export.set_mask_token(tmp, arch.mask_token_id)
-                except ValueError as err:
-                    raise SystemExit(f"error: {err}") from None
-                if token is not None:
-                    print(f"tokenizer mask token: {token!r} (id {arch.mask_token_id})")
+            try:
+                token, why_not = hf_export.set_mask_token(tmp, arch.mask_token_id)
+            except ValueError as err:
+                raise SystemExit(f"error: {err}") from None
+            if token is not None:
+                print(f"tokenizer mask token: {token!r} (id {arch.mask_token_id})")
+            else:
+                print(f"notice: {why_not}")
+
+    try:
+        with atomic_directory(args.save, overwrite=args.overwrite) as tmp:
+            write(tmp)
+    except (OSError, ValueError) as err:  # also FileExistsError: another process writes --save
+        raise SystemExit(f"error: {err}") from None
+    progress.done()
     print(f"wrote {args.save} ({len(weight_map)} tensors, {args.format}, {config_json['torch_dtype']})")
     return {"path": args.save, "config": config_json}
 

@@ -6,10 +6,15 @@
     python tools/evaluate.py --hf-dir hf/qwen3 --mode ar --math gsm.jsonl --chat
 
 ``--math``: JSONL with ``question`` and ``answer`` (GSM8K style, ``... #### 42``); every decoding
-setting (block size x tau) reports accuracy, tokens per forward (TPF) and tokens/s. ``--text``:
-text or JSONL (``text``) documents packed into ``--seq-length`` windows; SDAR models report the
-diffusion loss bound (Eq. 7, fixed noise seed), AR models the next-token NLL. Prints a table and
-writes JSON.
+setting (block size x tau; tau only for ``low_confidence_dynamic``) reports accuracy, tokens per
+forward (TPF) and tokens/s. ``--text``: held-out documents, each closed by the end-of-document
+token, packed into ``--seq-length`` windows; all of the text is scored (the last window is shorter)
+up to ``--text-windows`` windows. A JSONL file (``.jsonl``/``.json``, or a first line starting with
+``{``) has one document per line (its ``text``); plain text is split into documents as
+``tools/preprocess_data.py`` splits it: one per paragraph (blank-line separated) by default,
+``--text-unit line`` or ``file`` otherwise. SDAR models report the diffusion loss bound (Eq. 7,
+fixed noise seed), AR models the next-token NLL. Prints a table and the text summary (documents,
+tokens, windows) and writes JSON; under ``torchrun`` every rank computes and rank 0 reports.
 """
 
 from __future__ import annotations
@@ -39,14 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--math", help="JSONL math problems (question, answer with '#### N')")
     p.add_argument("--limit", type=int, default=None, help="first N problems")
     p.add_argument("--chat", action="store_true", help="ask through the chat template")
-    p.add_argument("--taus", type=float, nargs="+", default=[0.9])
+    p.add_argument(
+        "--taus", type=float, nargs="+", default=None,
+        help="confidence thresholds, one setting each (low_confidence_dynamic only; default: 0.9)",
+    )  # fmt: skip
     p.add_argument("--block-sizes", type=int, nargs="+", default=None, help="default: the model's")
     p.add_argument("--strategy", choices=STRATEGIES, default="low_confidence_dynamic")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--text", help="held-out text or JSONL ('text') documents")
-    p.add_argument("--seq-length", type=int, default=512)
-    p.add_argument("--text-windows", type=int, default=16)
+    p.add_argument(
+        "--text", help="held-out documents: JSONL (one per line, 'text') or plain text split by --text-unit"
+    )
+    p.add_argument(
+        "--text-unit", choices=("paragraph", "line", "file"), default="paragraph",
+        help="documents of a plain-text --text: blank-line separated paragraphs (default), lines, or the "
+        "whole file",
+    )  # fmt: skip
+    p.add_argument("--seq-length", type=int, default=512, help="--text window length (the last is shorter)")
+    p.add_argument("--text-windows", type=int, default=16, help="score at most this many --text windows")
     p.add_argument("--noise-samples", type=int, default=2, help="noise draws per window (diffusion bound)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
@@ -64,26 +79,73 @@ def question_prompt(tokenizer, question: str, chat: bool) -> list[int]:
     return tokenizer(f"Question: {question}\nAnswer:").input_ids
 
 
-def text_windows(path: str, tokenizer, seq_length: int, limit: int, eod: int):
+def text_windows(
+    path: str, tokenizer, seq_length: int, limit: int, eod: int, unit: str = "paragraph"
+) -> tuple[list, dict]:
+    """The documents of ``path``, each followed by ``eod``, packed into windows of ``seq_length``
+    tokens (the last holds what is left, so nothing read is dropped), at most ``limit`` windows.
+
+    Returns the windows (1-D tensors) and what was read: the file's format and document unit, the
+    documents and tokens scored, and whether the ``limit`` stopped the reading early.
+    """
     import torch
 
+    from tools.preprocess_data import read_records
+
+    fmt = "jsonl" if _is_jsonl(path) else "text"
+    cap = seq_length * limit
     tokens: list[int] = []
+    documents, capped = 0, False
+    for record in read_records(path, fmt, ["text"], unit):
+        if record.error:
+            raise SystemExit(f"error: {path}:{record.line}: {record.error}")
+        tokens += tokenizer(record.texts["text"], add_special_tokens=False).input_ids + [eod]
+        documents += 1
+        if len(tokens) > cap:
+            capped = True
+            break
+    tokens = tokens[:cap]
+    if len(tokens) < 2:
+        raise SystemExit(f"error: {path} holds no text to score")
+    windows = [torch.tensor(tokens[i : i + seq_length]) for i in range(0, len(tokens), seq_length)]
+    info = {
+        "format": fmt,
+        "document_unit": "line" if fmt == "jsonl" else unit,
+        "documents": documents,
+        "tokens": len(tokens),
+        "windows": len(windows),
+        "seq_length": seq_length,
+        "last_window_tokens": len(windows[-1]),
+        "stopped_at_text_windows": capped,
+    }
+    return windows, info
+
+
+def _is_jsonl(path: str) -> bool:
+    if path.endswith((".jsonl", ".json")):
+        return True
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if line.lstrip().startswith("{"):
-                try:
-                    line = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError) as err:
-                    raise SystemExit(f"error: {path}:{n}: expected JSON with 'text' ({err})") from None
-            tokens += tokenizer(line, add_special_tokens=False).input_ids + [eod]
-            if len(tokens) >= seq_length * limit:
-                break
-    count = min(limit, len(tokens) // seq_length)
-    if count == 0:
-        raise SystemExit(f"error: {path} has fewer than {seq_length} tokens; lower --seq-length")
-    return torch.tensor(tokens[: count * seq_length]).view(count, seq_length)
+        for line in f:
+            if line.strip():
+                return line.lstrip().startswith("{")
+    return False
+
+
+def describe_text(info: dict, limit: int) -> str:
+    """One line: how the held-out text was split and how much of it was scored."""
+    unit = {
+        "line": "one per line",
+        "file": "the whole file",
+        "paragraph": "one per paragraph, split at blank lines",
+    }[info["document_unit"]]
+    source = f"JSONL, {unit}" if info["format"] == "jsonl" else f"plain text, {unit}; see --text-unit"
+    line = f"{info['documents']} documents ({source}) -> {info['tokens']:,} tokens"
+    line += f" in {info['windows']} window(s) of {info['seq_length']}"
+    if info["last_window_tokens"] < info["seq_length"]:
+        line += f" (the last {info['last_window_tokens']})"
+    if info["stopped_at_text_windows"]:
+        line += f"; stopped at --text-windows {limit}, the rest of the file was not read"
+    return line
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -92,17 +154,29 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from megatron_sdar.config import SDARConfig
+    from megatron_sdar.data.tokenizer import has_tokenizer_files
     from megatron_sdar.evaluation import diffusion_bound, extract_answer, next_token_nll, read_math_problems
     from megatron_sdar.inference import StrategyConfig, generate_ar, generate_block_diffusion
     from megatron_sdar.inference.loading import load_backend
 
     if not args.math and not args.text:
         raise SystemExit("error: nothing to evaluate: pass --math and/or --text")
+    dynamic = args.strategy == "low_confidence_dynamic"
+    if args.taus and not dynamic and args.mode == "sdar":
+        raise SystemExit(
+            f"error: --taus applies to --strategy low_confidence_dynamic only, not {args.strategy}"
+        )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")])
     try:
         backend, sdar, tokenizer_dir = load_backend(args.hf_dir, args.load, args.iteration, device, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or tokenizer_dir, local_files_only=True)
+        # an SDAR export names remote code in config.json (auto_map); the tokenizer needs none, and
+        # without trust_remote_code=False transformers would stop to ask whether to run it
+        if not has_tokenizer_files(args.tokenizer or tokenizer_dir):
+            raise ValueError(f"{args.tokenizer or tokenizer_dir} holds no tokenizer files; pass --tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(
+            args.tokenizer or tokenizer_dir, local_files_only=True, trust_remote_code=False
+        )
         problems = read_math_problems(args.math, args.limit) if args.math else []
     except (OSError, ValueError, TypeError) as err:
         raise SystemExit(f"error: {err}") from None
@@ -114,8 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     if problems:
         prompts = [question_prompt(tokenizer, p.question, args.chat) for p in problems]
+        taus = (args.taus or [0.9]) if dynamic else [None]
         settings = [("ar", None, None)] if args.mode == "ar" else [
-            ("sdar", b, tau) for b in (args.block_sizes or [sdar["block_size"]]) for tau in args.taus
+            ("sdar", b, tau) for b in (args.block_sizes or [sdar["block_size"]]) for tau in taus
         ]  # fmt: skip
         for kind, block, tau in settings:
             correct = generated = row_forwards = 0
@@ -129,9 +204,10 @@ def main(argv: list[str] | None = None) -> dict:
                         seed=args.seed, mask_token_id=sdar.get("mask_token_id"),
                     )  # fmt: skip
                 else:
+                    strategy = StrategyConfig(args.strategy, tau=0.9 if tau is None else tau)
                     result = generate_block_diffusion(
                         backend, chunk, block_size=block, mask_token_id=sdar["mask_token_id"],
-                        max_new_tokens=args.max_new_tokens, strategy=StrategyConfig(args.strategy, tau=tau),
+                        max_new_tokens=args.max_new_tokens, strategy=strategy,
                         stop_token_ids=stops, seed=args.seed,
                     )  # fmt: skip
                 generated += result.generated
@@ -144,8 +220,9 @@ def main(argv: list[str] | None = None) -> dict:
                     if len(samples) < 3:
                         samples.append({"question": problem.question, "completion": text, "correct": ok})
             seconds = time.perf_counter() - start
+            label = "ar" if kind == "ar" else f"B={block} " + (f"tau={tau}" if dynamic else args.strategy)
             rows.append({
-                "setting": "ar" if kind == "ar" else f"B={block} tau={tau}",
+                "setting": label,
                 "accuracy": correct / len(problems),
                 "tokens_per_forward": generated / max(1, row_forwards),
                 "tokens_per_second": generated / seconds if seconds > 0 else 0.0,
@@ -156,13 +233,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.text:
         eod = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        windows = text_windows(args.text, tokenizer, args.seq_length, args.text_windows, eod)
+        windows, report["text_input"] = text_windows(
+            args.text, tokenizer, args.seq_length, args.text_windows, eod, args.text_unit
+        )
         if args.mode == "ar":
             report["text"] = next_token_nll(backend, windows, eod)
         else:
             config = SDARConfig(block_size=sdar["block_size"], mask_token_id=sdar["mask_token_id"])
             report["text"] = diffusion_bound(backend, windows, eod, config, args.seed, args.noise_samples)
 
+    if int(os.environ.get("RANK", "0")) != 0:  # tensor-parallel ranks all compute; rank 0 reports
+        return report
     if rows:
         print(f"{'setting':<22}{'accuracy':>10}{'TPF':>8}{'tokens/s':>11}")
         for r in rows:
@@ -170,7 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{r['setting']:<22}{r['accuracy']:>10.3f}{r['tokens_per_forward']:>8.2f}{r['tokens_per_second']:>11.1f}"
             )
     if args.text:
-        print("held-out text: " + ", ".join(f"{k} {v:.4f}" for k, v in report["text"].items()))
+        print("held-out text: " + describe_text(report["text_input"], args.text_windows))
+        print("  " + ", ".join(f"{k} {v:.4f}" for k, v in report["text"].items()))
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(report, f, indent=2)

@@ -10,7 +10,10 @@ HF folder or directly from a Megatron checkpoint.
 
 Block size and mask token come from the export's config (``block_size``, ``mask_token_id``) or the
 checkpoint's recorded architecture unless given; both back ends decode the same tokens. Prints each
-completion and the accounting: tokens per forward (TPF), forwards per block and tokens per second.
+completion and the accounting: tokens per forward (TPF), forwards per block (block diffusion) and
+tokens per second, with the strategy's own settings (``--tau`` only for ``low_confidence_dynamic``,
+``--steps`` for the static ones, ``--entropy-bound`` for ``entropy_bounded``). Under ``torchrun``
+every rank decodes and rank 0 prints and writes ``--json-out``.
 """
 
 from __future__ import annotations
@@ -42,10 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--mask-token-id", type=int, default=None)
     p.add_argument("--strategy", choices=STRATEGIES, default="low_confidence_dynamic")
-    p.add_argument("--steps", type=int, default=None, help="static schedule length (default: block size)")
-    p.add_argument("--tau", type=float, default=0.9, help="confidence threshold (dynamic)")
-    p.add_argument("--min-per-step", type=int, default=1)
-    p.add_argument("--entropy-bound", type=float, default=0.5)
+    p.add_argument(
+        "--steps", type=int, default=None,
+        help="forwards per block (sequential, low_confidence_static; default: block size)",
+    )  # fmt: skip
+    p.add_argument("--tau", type=float, default=0.9, help="confidence threshold (low_confidence_dynamic)")
+    p.add_argument("--min-per-step", type=int, default=1, help="(low_confidence_dynamic)")
+    p.add_argument("--entropy-bound", type=float, default=0.5, help="(entropy_bounded)")
     p.add_argument("--clean-attention", choices=("block_causal", "causal"), default="block_causal")
     p.add_argument("--no-fold-commit", action="store_true", help="write each block's cache with its own pass")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -109,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from transformers import AutoTokenizer
 
+    from megatron_sdar.data.tokenizer import has_tokenizer_files
     from megatron_sdar.inference import SamplingConfig, StrategyConfig, generate_ar, generate_block_diffusion
     from megatron_sdar.inference.loading import load_backend
 
@@ -122,7 +129,13 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer_dir = args.tokenizer or tokenizer_dir
         if tokenizer_dir is None:
             raise ValueError(f"no tokenizer found with {args.load}; pass --tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        # an SDAR export names remote code in config.json (auto_map); the tokenizer needs none, and
+        # without trust_remote_code=False transformers would stop to ask whether to run it
+        if not has_tokenizer_files(tokenizer_dir):
+            raise ValueError(f"{tokenizer_dir} holds no tokenizer files; pass --tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_dir, local_files_only=True, trust_remote_code=False
+        )
     except (OSError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     texts = read_prompts(args)
@@ -158,8 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"error: {err}") from None
     completions = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
     summary = {"mode": args.mode, "backend": "megatron" if args.load else "hf", **result.summary()}
-    if args.mode == "sdar":
-        summary.update(block_size=block, strategy=args.strategy, tau=args.tau)
+    if args.mode == "sdar":  # the block size and the knobs this strategy reads, nothing else
+        summary.update(block_size=block, **strategy.settings(block))
     out = {"summary": summary, "completions": completions, "tokens": result.tokens}
     if int(os.environ.get("RANK", "0")) != 0:  # tensor-parallel ranks all decode; one reports
         return out

@@ -22,14 +22,18 @@ boundaries inside a packed window). Output: ``{prefix}_{key}_document.bin/.idx``
 (``{prefix}_text_document`` for text input), written under temporary names and renamed when
 complete, so an interrupted run never leaves a dataset that looks valid.
 
-Lines that cannot be used (invalid JSON, missing key, value not a string, empty text) are reported
-with their file and line number and skipped; ``--strict`` turns the first one into an error.
+Lines that cannot be used (invalid JSON, missing key, value not a string, empty text, bytes that are
+not UTF-8) are reported with their file and line number and skipped; ``--strict`` turns the first one
+into an error. A JSON array file (``[{...}, {...}]``) is refused: the input is one object per line.
+A run that finds no document to write fails, counting why each line was dropped, and writes
+nothing. Temporary files that a killed run left for the same output are removed on start (those of
+a run still going are left alone), and each is named on stderr. Progress (documents, input bytes,
+rate, time left) goes to stderr: every 2 s on a terminal, every 30 s into a log (``--quiet``: none).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import sys
@@ -41,6 +45,7 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_sdar import compat  # noqa: E402
+from megatron_sdar.data.inputs import TextLines, json_lines, utf8_error  # noqa: E402
 
 compat.ignore_known_warnings()  # the megatron-core / torch notices named there, nothing else
 
@@ -49,62 +54,78 @@ _TOKENIZER = None
 
 @dataclass
 class Record:
-    """One input document (or the reason it cannot be used)."""
+    """One input document (or the reason it cannot be used); ``end``: input bytes read so far."""
 
     source: str
     line: int
     texts: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    end: int = 0
 
 
 def read_records(path: str, fmt: str, keys: list[str], text_unit: str) -> Iterator[Record]:
-    """Yield documents from one input file with their 1-based starting line numbers."""
-    with open(path, encoding="utf-8", errors="strict") as f:
-        if fmt == "jsonl":
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                yield _json_record(path, lineno, line, keys)
-            return
-        if text_unit == "file":
-            yield _text_record(path, 1, f.read(), keys)
-            return
-        if text_unit == "line":
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    yield _text_record(path, lineno, line.rstrip("\n"), keys)
-            return
-        para: list[str] = []
-        start = 1
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                if not para:
-                    start = lineno
-                para.append(line.rstrip("\n"))
-            elif para:
-                yield _text_record(path, start, "\n".join(para), keys)
-                para = []
-        if para:
-            yield _text_record(path, start, "\n".join(para), keys)
+    """Yield documents from one input file with their 1-based starting line numbers.
+
+    A line that is not UTF-8 is reported at its own number; in text input the whole document that
+    holds it (paragraph, line or file) is skipped.
+    """
+    lines = TextLines(path)
+    if fmt == "jsonl":
+        for lineno, value, error in json_lines(lines):
+            record = Record(path, lineno, error=error) if error else _json_record(path, lineno, value, keys)
+            record.end = lines.position
+            yield record
+        return
+    if text_unit == "line":
+        for lineno, line, error in lines:
+            if error is not None:
+                yield Record(path, lineno, error=error, end=lines.position)
+            elif line.strip():
+                yield Record(path, lineno, {keys[0]: line.rstrip("\n")}, end=lines.position)
+        return
+    # paragraphs (blank-line separated) or the whole file: one document of several lines
+    para: list[str] = []
+    start = 1
+    bad: tuple[int, str] | None = None
+    whole = text_unit == "file"
+    for lineno, line, error in lines:
+        if error is not None and bad is None:
+            bad = (lineno, error)
+        if whole or line.strip() or error is not None:
+            if not para:
+                start = lineno
+            para.append(line if whole else line.rstrip("\n"))
+        elif para:
+            yield _document(path, start, para, bad, text_unit, keys[0], lines.position)
+            para, bad = [], None
+    if para:
+        yield _document(path, start, para, bad, text_unit, keys[0], lines.position)
 
 
-def _text_record(path: str, lineno: int, text: str, keys: list[str]) -> Record:
-    return Record(path, lineno, {keys[0]: text})
+def _document(
+    path: str, start: int, lines: list[str], bad: tuple[int, str] | None, unit: str, key: str, end: int
+) -> Record:
+    if bad is not None:
+        lineno, error = bad
+        skipped = "the file, one document," if unit == "file" else f"its paragraph, from line {start},"
+        return Record(path, lineno, error=f"{error.removesuffix(')')}; {skipped} is skipped)", end=end)
+    return Record(path, start, {key: ("" if unit == "file" else "\n").join(lines)}, end=end)
 
 
-def _json_record(path: str, lineno: int, line: str, keys: list[str]) -> Record:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        return Record(path, lineno, error=f"invalid JSON ({err.msg} at column {err.colno})")
+def _json_record(path: str, lineno: int, obj: object, keys: list[str]) -> Record:
     if not isinstance(obj, dict):
         return Record(path, lineno, error=f"expected a JSON object, got {type(obj).__name__}")
     texts = {}
     for key in keys:
         if key not in obj:
-            return Record(path, lineno, error=f"missing key {key!r}")
+            seen = ", ".join(map(repr, list(obj)[:8])) + (", ..." if len(obj) > 8 else "")
+            return Record(path, lineno, error=f"missing key {key!r} (keys seen: {seen or 'none'})")
         if not isinstance(obj[key], str):
             return Record(path, lineno, error=f"key {key!r} is {type(obj[key]).__name__}, not a string")
+        error = utf8_error(obj[key], unit="character")
+        if error is not None:
+            reason, _, detail = error.partition(" (")
+            return Record(path, lineno, error=f"{reason} under {key!r} ({detail}")
         texts[key] = obj[key]
     return Record(path, lineno, texts)
 
@@ -129,6 +150,7 @@ def _encode(args: tuple[Record, bool]) -> tuple[Record, dict[str, list[int]]]:
         if append_eod:
             ids.append(_TOKENIZER.eod_id)
         out[key] = ids
+    record.texts = {}  # not sent back from a worker process: the tokens are what is needed
     return record, out
 
 
@@ -182,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="accepted for Megatron-LM commands and not needed: one pass with --workers processes "
         "writes the single dataset Megatron-LM merges its partitions into",
     )  # fmt: skip
-    p.add_argument("--log-interval", type=int, default=None, help="progress every N documents (default: 2 s)")
+    p.add_argument(
+        "--log-interval", type=int, default=None,
+        help="progress every N documents (default: every 2 s on a terminal, 30 s into a log)",
+    )  # fmt: skip
     p.add_argument("--strict", action="store_true", help="fail on the first unusable line")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress line")
@@ -264,6 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
     from megatron.core.datasets.indexed_dataset import DType
 
     from megatron_sdar.data.preprocessing import DroppedLines, IndexedOutputs
+    from megatron_sdar.data.progress import Progress
     from megatron_sdar.data.tokenizer import load_tokenizer
 
     for path in args.input:
@@ -290,16 +316,27 @@ def main(argv: list[str] | None = None) -> dict:
     except FileExistsError as err:
         raise SystemExit(f"error: {err}") from None
 
+    for note in outputs.leftovers:
+        print(note, file=sys.stderr)
+    read = InputCounts()
+
     def records() -> Iterator[tuple[Record, bool]]:
         for path in args.input:
+            found = False
             for record in read_records(path, formats[path], keys, args.text_unit):
+                found = True
+                record.end += read.finished_bytes
                 yield record, append_eod
+            read.finished_bytes += os.path.getsize(path)
+            if not found:
+                read.empty.append(path)
 
     tokens_per_key: Counter = Counter()
     documents = 0
     dropped = DroppedLines(args.strict)
+    total_bytes = sum(os.path.getsize(p) for p in args.input)
+    progress = Progress("documents", total_bytes=total_bytes, enabled=not args.quiet, every=args.log_interval)
     start = time.time()
-    last_report = start
     pool = None
     with outputs:
         try:
@@ -312,27 +349,23 @@ def main(argv: list[str] | None = None) -> dict:
                 global _TOKENIZER
                 _TOKENIZER = tokenizer
                 results = map(_encode, records())
+            done = 0
             for record, ids in results:
+                done = record.end
                 if record.error is not None:
                     dropped.add(record.source, record.line, record.error)
-                    continue
-                for key, tokens in ids.items():
-                    outputs.add_document(key, tokens)
-                    tokens_per_key[key] += len(tokens)
-                documents += 1
-                now = time.time()
-                due = (
-                    documents % args.log_interval == 0
-                    if args.log_interval is not None
-                    else now - last_report > 2.0
-                )
-                if not args.quiet and due:
-                    rate = documents / (now - start)
-                    print(f"\r{documents} documents ({rate:.0f}/s)", end="", file=sys.stderr)
-                    last_report = now
+                else:
+                    for key, tokens in ids.items():
+                        outputs.add_document(key, tokens)
+                        tokens_per_key[key] += len(tokens)
+                    documents += 1
+                progress.update(documents, done)
+            progress.finish(documents, done)
         finally:
             if pool is not None:
                 pool.terminate()
+        if documents == 0:
+            raise SystemExit(_no_documents(prefixes, dropped, read.empty))
 
     elapsed = time.time() - start
     summary = {
@@ -343,13 +376,31 @@ def main(argv: list[str] | None = None) -> dict:
         "outputs": list(prefixes.values()),
         "seconds": round(elapsed, 2),
     }
-    if not args.quiet:
-        print("", file=sys.stderr)
     print(f"documents: {summary['documents']}")
     for key in keys:
         print(f"tokens[{key}]: {summary['tokens'][key]}  -> {prefixes[key]}.bin/.idx")
     dropped.print()
     return summary
+
+
+@dataclass
+class InputCounts:
+    """Bytes of the input files read to the end, and the files that held no document at all."""
+
+    finished_bytes: int = 0
+    empty: list[str] = field(default_factory=list)
+
+
+def _no_documents(prefixes: dict[str, str], dropped, empty: list[str]) -> str:
+    """The error for a run that found nothing to write, with every reason counted."""
+    outputs = ", ".join(f"{p}.bin/.idx" for p in prefixes.values())
+    lines = [f"error: no documents to write; nothing was written ({outputs})"]
+    if empty:
+        lines.append(f"  empty (or only blank lines): {', '.join(empty)}")
+    if dropped.total:
+        lines.append("every line of the input was dropped:")
+        lines.append(dropped.explain())
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

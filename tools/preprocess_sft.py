@@ -10,7 +10,15 @@ only assistant tokens are eligible for noising. Each example is right-padded to 
 block size with the end token (eligible, as in the released recipe; ``--no-train-pad`` to exclude),
 then examples are packed into windows of ``--seq-length`` tokens with a greedy knapsack.
 Examples longer than a window are dropped and counted (``--truncate`` cuts them instead).
-Unusable lines are reported with line numbers and skipped (``--strict``: fail).
+Unusable lines (invalid JSON or UTF-8, missing fields, a chat the template cannot render, a chat
+that starts with the assistant's turn) are reported with file and line number and skipped;
+``--strict`` turns the first one into an error. A run with no usable example fails and says why.
+
+Memory does not grow with the number of tokens, only by a few bytes per example: tokenised
+examples go to a scratch file beside the output (5 bytes a token, removed at the end) while the
+input is read, and each window reads its examples back from there. Temporary files that a killed
+run left for the same output are removed on start (those of a run still going are left alone) and
+named on stderr. Progress (examples, input bytes, rate, time left) goes to stderr unless ``--quiet``.
 
 Output: ``{prefix}_tokens.bin/.idx`` and ``{prefix}_segments.bin/.idx`` (see
 megatron_sdar/data/sft_windows.py), written under temporary names and renamed when complete.
@@ -22,6 +30,7 @@ import argparse
 import os
 import sys
 from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -44,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate", action="store_true", help="truncate over-long examples instead of dropping")
     p.add_argument("--strict", action="store_true", help="fail on the first unusable line")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
 
 
@@ -52,16 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     from megatron.core.datasets.indexed_dataset import DType
 
     from megatron_sdar.data.preprocessing import DroppedLines, IndexedOutputs
-    from megatron_sdar.data.sft import (
-        ExampleError,
-        TokenizedExample,
-        example_messages,
-        pack_greedy,
-        pad_to_block,
-        parse_json_line,
-        tokenize_chat,
-    )
-    from megatron_sdar.data.sft_windows import encode_segments
+    from megatron_sdar.data.sft import ExampleSpill, pack_greedy
     from megatron_sdar.data.tokenizer import load_tokenizer
 
     if args.block_size < 1 or args.seq_length % args.block_size != 0:
@@ -87,66 +88,132 @@ def main(argv: list[str] | None = None) -> dict:
         outputs = IndexedOutputs(prefixes, dtypes, args.overwrite)
     except FileExistsError as err:
         raise SystemExit(f"error: {err}") from None
+    for note in outputs.leftovers:
+        print(note, file=sys.stderr)
 
-    too_long: Counter = Counter()
     dropped = DroppedLines(args.strict)
-    examples: list[TokenizedExample] = []
+    counts = Counts()
     with outputs:
-        for path in args.input:
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        example = tokenize_chat(tokenizer, example_messages(parse_json_line(line)))
-                    except ExampleError as err:
-                        dropped.add(path, lineno, str(err))
-                        continue
-                    example = pad_to_block(example, args.block_size, pad_id, args.train_pad)
-                    if len(example) > args.seq_length:
-                        if not args.truncate:
-                            too_long["too long (dropped)"] += 1
-                            continue
-                        too_long["too long (truncated)"] += 1
-                        example = TokenizedExample(
-                            example.tokens[: args.seq_length], example.eligible[: args.seq_length]
-                        )
-                        if not any(example.eligible):
-                            too_long["too long (no response left after truncation, dropped)"] += 1
-                            continue
-                    examples.append(example)
-        if not examples:
-            raise SystemExit("error: no usable examples")
-        packs = pack_greedy([len(e) for e in examples], args.seq_length)
-        for pack in packs:
-            tokens: list[int] = []
-            ordinals: list[int] = []
-            eligible: list[bool] = []
-            for ordinal, idx in enumerate(pack, 1):
-                tokens += examples[idx].tokens
-                eligible += examples[idx].eligible
-                ordinals += [ordinal] * len(examples[idx])
-            outputs.add_document("tokens", tokens)
-            outputs.add_document("segments", encode_segments(ordinals, eligible))
+        spill = ExampleSpill(outputs.scratch("tokens"))
+        try:
+            read_examples(args, tokenizer, pad_id, spill, dropped, counts)
+            if not len(spill):
+                raise SystemExit(_no_examples(dropped, counts, args.seq_length))
+            spill.finish()
+            packs = pack_greedy(spill.lengths.tolist(), args.seq_length)
+            write_windows(outputs, spill, packs, not args.quiet)
+        finally:
+            spill.close()
 
-    total_tokens = sum(len(e) for e in examples)
     summary = {
-        "examples": len(examples),
+        "examples": len(spill),
         "windows": len(packs),
-        "tokens": total_tokens,
-        "response_tokens": sum(sum(e.eligible) for e in examples),
-        "fill": round(total_tokens / (len(packs) * args.seq_length), 4),
+        "tokens": counts.tokens,
+        "response_tokens": counts.response_tokens,
+        "fill": round(counts.tokens / (len(packs) * args.seq_length), 4),
         "dropped": dropped.total,
-        "too_long": dict(too_long),
+        "too_long": dict(counts.too_long),
         "dropped_by_reason": dict(dropped.by_reason),
         "output_prefix": args.output_prefix,
     }
     print(f"examples: {summary['examples']} -> windows: {summary['windows']} of {args.seq_length} tokens")
-    print(f"tokens: {total_tokens} ({summary['response_tokens']} trained), fill {summary['fill']:.1%}")
+    print(f"tokens: {counts.tokens} ({summary['response_tokens']} trained), fill {summary['fill']:.1%}")
     for reason, count in summary["too_long"].items():
         print(f"{reason}: {count}")
     dropped.print()
     return summary
+
+
+@dataclass
+class Counts:
+    """What the reading pass counted besides the dropped lines."""
+
+    tokens: int = 0
+    response_tokens: int = 0
+    too_long: Counter = field(default_factory=Counter)
+    longest_dropped: int = 0
+
+
+def read_examples(args: argparse.Namespace, tokenizer, pad_id: int, spill, dropped, counts: Counts) -> None:
+    """First pass: every input line tokenised, padded and fitted to a window, into ``spill``."""
+    from megatron_sdar.data.inputs import TextLines, json_lines
+    from megatron_sdar.data.progress import Progress
+    from megatron_sdar.data.sft import ExampleError, example_messages, pad_to_block, tokenize_chat
+
+    total_bytes = sum(os.path.getsize(p) for p in args.input)
+    progress = Progress("examples", total_bytes=total_bytes, enabled=not args.quiet)
+    finished_bytes = 0
+    for path in args.input:
+        lines = TextLines(path)
+        for lineno, row, error in json_lines(lines):
+            try:
+                if error is not None:
+                    raise ExampleError(error)
+                example = tokenize_chat(tokenizer, example_messages(row))
+            except ExampleError as err:
+                dropped.add(path, lineno, str(err))
+                example = None
+            if example is not None:
+                example = pad_to_block(example, args.block_size, pad_id, args.train_pad)
+                kept = _fit(example.tokens, example.eligible, args, counts.too_long)
+                if kept is None:
+                    counts.longest_dropped = max(counts.longest_dropped, len(example))
+                else:
+                    spill.append(*kept)
+                    counts.tokens += len(kept[0])
+                    counts.response_tokens += sum(kept[1])
+            progress.update(len(spill), finished_bytes + lines.position)
+        finished_bytes += lines.size
+    progress.finish(len(spill), finished_bytes)
+
+
+def write_windows(outputs, spill, packs: list[list[int]], show_progress: bool) -> None:
+    """Second pass: each window's examples read back from ``spill`` and written together."""
+    from megatron_sdar.data.progress import Progress
+    from megatron_sdar.data.sft_windows import encode_segments
+
+    progress = Progress("windows", total=len(packs), enabled=show_progress)
+    for written, pack in enumerate(packs, 1):
+        parts = [spill[i] for i in pack]
+        outputs.add_document("tokens", np.concatenate([tokens for tokens, _ in parts]))
+        ordinals = np.repeat(np.arange(1, len(parts) + 1), [len(tokens) for tokens, _ in parts])
+        eligible = np.concatenate([eligible for _, eligible in parts])
+        outputs.add_document("segments", encode_segments(ordinals, eligible))
+        progress.update(written)
+    progress.finish(len(packs))
+
+
+def _fit(tokens: list[int], eligible: list[bool], args: argparse.Namespace, too_long: Counter):
+    """``(tokens, eligible)`` as they go into a window, or None when the example is too long."""
+    if len(tokens) <= args.seq_length:
+        return tokens, eligible
+    if not args.truncate:
+        too_long["too long (dropped)"] += 1
+        return None
+    too_long["too long (truncated)"] += 1
+    tokens, eligible = tokens[: args.seq_length], eligible[: args.seq_length]
+    if not any(eligible):
+        too_long["too long (no response left after truncation, dropped)"] += 1
+        return None
+    return tokens, eligible
+
+
+def _no_examples(dropped, counts: Counts, seq_length: int) -> str:
+    """The error when nothing is left to pack: every reason, counted."""
+    too_long, longest = counts.too_long, counts.longest_dropped
+    if not dropped.total and not too_long:
+        return "error: no usable examples: the input holds no non-blank lines"
+    lines = ["error: no usable examples; every line was dropped:"]
+    if dropped.total:
+        lines.append(dropped.explain())
+    for reason, count in too_long.items():
+        lines.append(f"  {count} example{'s' if count != 1 else ''}: {reason}")
+    if longest:
+        lines.append(
+            f"the longest dropped example has {longest} tokens and --seq-length is {seq_length}: "
+            "raise --seq-length or pass --truncate"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,9 @@ class Architecture:
 
 def padded_vocab(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
     """Megatron's padded vocabulary size (a multiple of ``divisible_by * tensor_parallel``)."""
+    for name, value in (("vocabulary divisor", divisible_by), ("tensor parallel size", tensor_parallel)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"the {name} must be a positive integer, not {value!r}")
     multiple = divisible_by * tensor_parallel
     return -(-vocab_size // multiple) * multiple
 

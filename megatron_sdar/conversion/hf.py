@@ -26,13 +26,33 @@ SUPPORTED = {
 }
 
 
+# config.json keys every supported architecture needs, each a positive integer
+REQUIRED_CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                        "vocab_size")  # fmt: skip
+
+
 def read_config(hf_dir: str) -> dict[str, Any]:
-    """A HF model folder's ``config.json``."""
+    """A HF model folder's ``config.json`` (a :class:`ValueError` naming the file if it is not a
+    JSON object)."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: --hf-dir must be a HF model folder")
-    with open(path) as f:
-        return json.load(f)
+    return _read_json_object(path)
+
+
+def _read_json_object(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def read_architecture(
@@ -48,10 +68,23 @@ def read_architecture(
     ``use_sliding_window`` is set or ``layer_types`` lists a sliding layer, which is refused.
     """
     cfg = read_config(hf_dir)
+    path = os.path.join(hf_dir, "config.json")
     archs = cfg.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED), None)
     if arch is None:
-        raise ValueError(f"unsupported architecture {archs}; supported: {sorted(SUPPORTED)}")
+        raise ValueError(f"{path}: unsupported architecture {archs}; supported: {sorted(SUPPORTED)}")
+    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in cfg]
+    invalid = [
+        f"{k} {cfg[k]!r}"
+        for k in (*REQUIRED_CONFIG_KEYS, "num_key_value_heads", "head_dim")
+        if cfg.get(k) is not None and not _positive_int(cfg[k])
+    ]
+    if missing or invalid:
+        found = ([f"lacks {', '.join(missing)}"] if missing else []) + (
+            [f"has {', '.join(invalid)} where a positive integer is needed"] if invalid else []
+        )
+        raise ValueError(f"{path} " + " and ".join(found) + f" (a {arch} config needs all of "
+                         f"{', '.join(REQUIRED_CONFIG_KEYS)})")  # fmt: skip
     problems = []
     scaling = cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {})
     if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
@@ -84,7 +117,7 @@ def read_architecture(
     if block is not None and not (isinstance(block, int) and block > 0):
         problems.append(f"block_size {block!r} is not a positive integer")
     if problems:
-        raise ValueError(f"{hf_dir}: " + "; ".join(problems))
+        raise ValueError(f"{path}: " + "; ".join(problems))
     heads = cfg["num_attention_heads"]
     kv = cfg.get("num_key_value_heads", heads)
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
@@ -114,8 +147,21 @@ def read_architecture(
     )
 
 
+def _open_safetensors(safe_open: Any, path: str) -> Any:
+    try:
+        return safe_open(path, "pt")
+    except Exception as err:  # safetensors raises its own SafetensorError (an Exception) or OSError
+        raise ValueError(
+            f"cannot read {path}: {err} (truncated or damaged? copy or download it again)"
+        ) from None
+
+
 class SafetensorsReader:
-    """Tensors of a single-file or sharded (with index) safetensors checkpoint, opened lazily."""
+    """Tensors of a single-file or sharded (with index) safetensors checkpoint, opened lazily.
+
+    A file that cannot be read (truncated, damaged, or an index that does not match its shards)
+    raises a :class:`ValueError` naming it.
+    """
 
     def __init__(self, hf_dir: str) -> None:
         from safetensors import safe_open
@@ -123,10 +169,11 @@ class SafetensorsReader:
         index = os.path.join(hf_dir, "model.safetensors.index.json")
         single = os.path.join(hf_dir, "model.safetensors")
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = _read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError(f"{index} has no weight_map from tensor names to shard files")
         elif os.path.isfile(single):
-            with safe_open(single, "pt") as f:
+            with _open_safetensors(safe_open, single) as f:
                 weight_map = {k: "model.safetensors" for k in f.keys()}
         else:
             raise FileNotFoundError(
@@ -149,13 +196,16 @@ class SafetensorsReader:
         counts: dict[str, int] = {}
         for shard in sorted(set(self.weight_map.values())):
             names = [n for n, s in self.weight_map.items() if s == shard]
-            try:
-                with self._safe_open(os.path.join(self.hf_dir, shard), "pt") as f:
-                    codes = [f.get_slice(n).get_dtype() for n in names]
-            except Exception as err:  # truncated or corrupt shard, or a name the index invents
-                raise ValueError(
-                    f"cannot read the tensor headers of {shard} in {self.hf_dir}: {err}"
-                ) from err
+            path = os.path.join(self.hf_dir, shard)
+            with _open_safetensors(self._safe_open, path) as f:
+                listed = set(f.keys())
+                absent = [n for n in names if n not in listed]
+                if absent:
+                    raise ValueError(
+                        f"{path} lacks {len(absent)} tensors that model.safetensors.index.json places "
+                        f"there (e.g. {absent[0]})"
+                    )
+                codes = [f.get_slice(n).get_dtype() for n in names]
             for code in codes:
                 name = SAFETENSORS_FLOATS.get(code, code)
                 counts[name] = counts.get(name, 0) + 1
@@ -165,15 +215,13 @@ class SafetensorsReader:
         if name not in self.weight_map:
             raise KeyError(f"{name} is not in the HF checkpoint at {self.hf_dir}")
         shard = self.weight_map[name]
+        path = os.path.join(self.hf_dir, shard)
         if shard not in self._open:
-            try:
-                self._open[shard] = self._safe_open(os.path.join(self.hf_dir, shard), "pt")
-            except Exception as err:  # truncated or corrupt shard
-                raise ValueError(f"cannot read {shard} in {self.hf_dir}: {err}") from err
+            self._open[shard] = _open_safetensors(self._safe_open, path)
         try:
             return self._open[shard].get_tensor(name)
         except Exception as err:
-            raise ValueError(f"cannot read {name} from {shard}: {err}") from err
+            raise ValueError(f"cannot read {name} from {path}: {err}") from None
 
 
 def default_dtype(cfg: dict[str, Any], stored: dict[str, int]) -> tuple[str, str]:

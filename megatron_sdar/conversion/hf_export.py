@@ -54,13 +54,30 @@ def special_token_ids(tokenizer_dir: str | None) -> dict[str, int]:
 
 
 def _load_tokenizer(folder: str) -> Any | None:
-    try:
-        from transformers import AutoTokenizer
+    """The folder's tokenizer, or None. An export's config.json (model type ``sdar``) is unknown to
+    transformers, which says so while looking for the tokenizer class: that notice, and its
+    ``rope_scaling`` deprecation for the same config, are about the model, not the tokenizer."""
+    from megatron_sdar.data.tokenizer import has_tokenizer_files
 
-        # never the folder's remote code: an export's config.json points at the model's
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    if not has_tokenizer_files(folder):
+        return None
+    try:
+        import transformers
+        from transformers import AutoTokenizer
+    except ImportError:
+        return None
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`rope_scaling` is deprecated", category=FutureWarning)
+            # never the folder's remote code: an export's config.json points at the model's
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception:  # no tokenizer files, or files this transformers cannot read
         return None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return tokenizer
 
 
 def hf_config(arch: Architecture, fmt: str, dtype: str, special: dict[str, int] | None = None) -> dict:
@@ -163,23 +180,21 @@ def write_generation_config(folder: str, config: dict, fmt: str) -> None:
         json.dump(generation, f, indent=2)
 
 
-def set_mask_token(folder: str, mask_token_id: int) -> str | None:
+def set_mask_token(folder: str, mask_token_id: int) -> tuple[str | None, str]:
     """Name the mask token in the tokenizer files of ``folder`` (``mask_token`` in
     tokenizer_config.json and special_tokens_map.json), editing the JSON in place so the files stay
-    readable by the transformers version that wrote them. Returns the token, or None (with a
-    warning) when the folder has no tokenizer that knows the id."""
+    readable by the transformers version that wrote them. Returns ``(token, "")``, or ``(None,
+    why not)`` when the folder has no tokenizer that knows the id."""
     tokenizer = _load_tokenizer(folder)
     token = None
     if tokenizer is not None and mask_token_id < len(tokenizer):
         token = tokenizer.convert_ids_to_tokens(mask_token_id)
     if not isinstance(token, str):
         what = "no tokenizer" if tokenizer is None else f"a tokenizer without a token for id {mask_token_id}"
-        warnings.warn(
-            f"the export holds {what}; tools that read the mask token from the tokenizer will not find it "
-            "(config.json records mask_token_id)",
-            stacklevel=2,
+        return None, (
+            f"the export holds {what}; tools that read the mask token from the tokenizer will not find "
+            "it (config.json records mask_token_id; pass --tokenizer-dir to copy a tokenizer in)"
         )
-        return None
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         path = os.path.join(folder, name)
         if not os.path.isfile(path) and name == "tokenizer_config.json":
@@ -199,4 +214,4 @@ def set_mask_token(folder: str, mask_token_id: int) -> str | None:
             f"the tokenizer in {folder} does not report mask token {token!r} as id {mask_token_id} after "
             "naming it; check its added tokens"
         )
-    return token
+    return token, ""

@@ -3,6 +3,7 @@ model whose layout Megatron stores."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -23,14 +24,38 @@ def check_checkpoint_architecture(checkpoint_dir: str | None, args: Any) -> None
     path = os.path.join(checkpoint_dir, ARCHITECTURE_FILE)
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        arch = Architecture(**json.load(f)["architecture"])
+    arch = read_recorded_architecture(path)
     problems = architecture_mismatches(arch, args)
     if problems:
         raise ValueError(
             f"the checkpoint in {checkpoint_dir} was converted for a different architecture; use the flags "
             f"in {path} ('megatron_args'):\n  - " + "\n  - ".join(problems)
         )
+
+
+def read_recorded_architecture(path: str) -> Architecture:
+    """The architecture a converter recorded in ``sdar_architecture.json`` (a :class:`ValueError`
+    naming the file when it cannot be read as one)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    fields = {f.name for f in dataclasses.fields(Architecture)}
+    required = {f.name for f in dataclasses.fields(Architecture) if f.default is dataclasses.MISSING}
+    entry = recorded.get("architecture") if isinstance(recorded, dict) else None
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path} has no 'architecture' object (was it written by convert_hf_to_mcore.py?)")
+    unknown, missing = sorted(set(entry) - fields), sorted(required - set(entry))
+    if unknown or missing:
+        raise ValueError(
+            f"{path}: 'architecture' "
+            + "; ".join(
+                ([f"lacks {', '.join(missing)}"] if missing else [])
+                + ([f"has unknown fields {', '.join(unknown)}"] if unknown else [])
+            )
+        )
+    return Architecture(**entry)
 
 
 def moe_config(arch: Architecture, dispatcher: str = "allgather") -> dict[str, Any]:
@@ -78,6 +103,11 @@ def resolve_checkpoint(load: str, iteration: str | None = None) -> str:
             raise ValueError(f"{tracker} not found: pass a Megatron checkpoint directory")
         with open(tracker) as f:
             iteration = f.read().strip()
+        source = tracker
+    else:
+        source = "--iteration"
+    if iteration != "release" and not iteration.isdigit():
+        raise ValueError(f"{source} names iteration {iteration!r}; expected 'release' or a number")
     name = "release" if iteration == "release" else f"iter_{int(iteration):07d}"
     path = os.path.join(load, name)
     if not os.path.isfile(os.path.join(path, "metadata.json")):
@@ -93,9 +123,13 @@ def checkpoint_architecture(
     stored in the checkpoint ``path``."""
     recorded = recorded or os.path.join(load, ARCHITECTURE_FILE)
     if os.path.isfile(recorded):
-        with open(recorded) as f:
-            arch = Architecture(**json.load(f)["architecture"])
+        arch = read_recorded_architecture(recorded)
         if vocab_size is not None:
+            if not 0 < vocab_size <= arch.padded_vocab_size:
+                raise ValueError(
+                    f"vocabulary size {vocab_size} must be in 1..{arch.padded_vocab_size} (the checkpoint's "
+                    f"padded rows)"
+                )
             arch.vocab_size = vocab_size
         return arch, None
     from megatron.core.dist_checkpointing.serialization import load_common_state_dict

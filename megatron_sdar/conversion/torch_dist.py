@@ -8,22 +8,26 @@ stacked on a leading axis, each layer its own chunk), plus ``metadata.json`` nam
 :func:`save_torch_dist` plans every chunk from shapes alone and asks for each chunk's data only when
 it is written, so peak memory is about one parameter, not the model. The layout comes from a model
 built on the ``meta`` device at TP=PP=1 (:func:`checkpoint_layout`), so it is exactly Megatron's.
+:class:`Progress` reports a long conversion's rate and time left on stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
-import shutil
-from collections.abc import Callable
+import pickle
+import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from megatron_sdar import compat
-from megatron_sdar.atomic import atomic_write_text
+from megatron_sdar.atomic import atomic_directory, atomic_write_text
 
 METADATA = {
     "sharded_backend": "torch_dist",
@@ -150,8 +154,11 @@ def save_torch_dist(
 ) -> str:
     """Write ``save_dir/{tag}`` (+ the iteration tracker) atomically; returns the checkpoint path.
 
-    The checkpoint is written under a temporary name and renamed into place, and the tracker file is
-    replaced last, so a failure never leaves a checkpoint that Megatron would pick up.
+    The checkpoint is written under a temporary name (:func:`~megatron_sdar.atomic.atomic_directory`)
+    and renamed into place, and the tracker file is replaced last, so a failure never leaves a
+    checkpoint that Megatron would pick up; nor does it leave ``save_dir`` behind when this call
+    created it. An exception raised by ``fetch`` comes out as itself, not wrapped in the
+    distributed-checkpoint ``CheckpointException``.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -159,23 +166,40 @@ def save_torch_dist(
     if os.path.exists(final) or os.path.exists(os.path.join(save_dir, TRACKER)):
         if not overwrite:
             raise FileExistsError(f"{save_dir} already holds a checkpoint; pass --overwrite to replace it")
+    created = not os.path.exists(save_dir)
     os.makedirs(save_dir, exist_ok=True)
-    tmp = os.path.join(save_dir, f".{tag}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        writer = dcp.FileSystemWriter(tmp, single_file_per_rank=True, thread_count=1, sync_files=True)
-        dcp.save({}, storage_writer=writer, planner=_lazy_planner(layout, fetch, dtype), no_dist=True)
-        with open(os.path.join(tmp, "metadata.json"), "w") as f:
-            json.dump(METADATA, f)
-        torch.save(common, os.path.join(tmp, "common.pt"))
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with atomic_directory(final, overwrite=True) as tmp:
+            writer = dcp.FileSystemWriter(tmp, single_file_per_rank=True, thread_count=1, sync_files=True)
+            planner = _lazy_planner(layout, fetch, dtype)
+            with _original_exception():
+                dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+            with open(os.path.join(tmp, "metadata.json"), "w") as f:
+                json.dump(METADATA, f)
+            torch.save(common, os.path.join(tmp, "common.pt"))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(save_dir)  # only if empty
         raise
     atomic_write_text(os.path.join(save_dir, TRACKER), tag)
     return final
+
+
+@contextlib.contextmanager
+def _original_exception() -> Iterator[None]:
+    """Re-raise what a distributed-checkpoint call wrapped in its ``CheckpointException`` (it
+    catches everything, ``SystemExit`` and ``KeyboardInterrupt`` included) as the original."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as err:
+        for failure in err.failures.values():
+            original = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(original, BaseException):
+                raise original from None
+        raise
 
 
 def read_region(checkpoint: str, key: str, offset: tuple[int, ...], shape: tuple[int, ...],
@@ -199,8 +223,21 @@ def read_region(checkpoint: str, key: str, offset: tuple[int, ...], shape: tuple
         def lookup_tensor(self, index):
             return buffer
 
-    dcp.load({}, storage_reader=dcp.FileSystemReader(checkpoint), planner=RegionLoadPlanner(), no_dist=True)
+    try:
+        with _original_exception():
+            dcp.load(
+                {}, storage_reader=dcp.FileSystemReader(checkpoint), planner=RegionLoadPlanner(), no_dist=True
+            )
+    except (KeyError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(
+            f"cannot read {key} from the checkpoint in {checkpoint}: {_first_line(err)}"
+        ) from err
     return buffer
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return f"{type(err).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}"
 
 
 def stored_dtypes(checkpoint: str) -> dict[str, torch.dtype]:
@@ -209,7 +246,12 @@ def stored_dtypes(checkpoint: str) -> dict[str, torch.dtype]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = dcp.FileSystemReader(checkpoint).read_metadata()
+    try:
+        metadata = dcp.FileSystemReader(checkpoint).read_metadata()
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(
+            f"cannot read the tensor index (.metadata) of {checkpoint}: {_first_line(err)}"
+        ) from err
     return {
         key: item.properties.dtype
         for key, item in metadata.state_dict_metadata.items()
@@ -226,3 +268,60 @@ def read_parameter(
         region = read_region(checkpoint, c.key, c.offset, c.shape, dtype)
         out[c.param_slice] = region.reshape(out[c.param_slice].shape)
     return out
+
+
+PROGRESS_EVERY_S = 5.0  # seconds between two progress lines of a conversion
+
+
+class Progress:
+    """Progress of a long conversion on stderr: items and bytes done, rate and time left.
+
+    A line is printed at most every ``every`` seconds (default :data:`PROGRESS_EVERY_S`), so a short
+    run prints none; :meth:`done` closes with the total time when a line was printed.
+    """
+
+    def __init__(self, label: str, items: int, total_bytes: int, unit: str = "parameters",
+                 every: float | None = None, stream: Any = None) -> None:  # fmt: skip
+        self.label, self.unit, self.stream = label, unit, stream
+        self.every = PROGRESS_EVERY_S if every is None else every
+        self.items, self.total_bytes = items, total_bytes
+        self.count = 0
+        self.bytes = 0
+        self.start = self.last = time.monotonic()
+        self.printed = False
+
+    def step(self, nbytes: int, count: int = 1) -> None:
+        self.count += count
+        self.bytes += nbytes
+        now = time.monotonic()
+        if now - self.last < self.every or self.count >= self.items:
+            return
+        self.last = now
+        elapsed = now - self.start
+        rate = self.bytes / elapsed if elapsed > 0 else 0.0
+        left = (self.total_bytes - self.bytes) / rate if rate > 0 else float("nan")
+        self._print(
+            f"{self.label}: {self.count}/{self.items} {self.unit}, "
+            f"{_gb(self.bytes)}/{_gb(self.total_bytes)} GB, {rate / 2**20:.0f} MB/s, "
+            f"{_duration(elapsed)} elapsed, about {_duration(left)} left"
+        )
+
+    def done(self) -> None:
+        if self.printed:
+            elapsed = time.monotonic() - self.start
+            self._print(f"{self.label}: {self.count}/{self.items} {self.unit} in {_duration(elapsed)}")
+
+    def _print(self, line: str) -> None:
+        self.printed = True
+        print(line, file=self.stream or sys.stderr, flush=True)
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -6,15 +6,23 @@
   are eligible by default, as in the released recipe, so the model learns to end inside a block.
 * Examples are packed into windows of ``seq_length`` tokens with a greedy knapsack; an example never
   spans two windows. Over-long examples are dropped (counted) or truncated.
+* Packing needs every example's length before the first window is written, and windows take
+  examples from anywhere in the input: :class:`ExampleSpill` keeps the tokenised examples in a file
+  (5 bytes a token) instead of memory, and reads each back when its window is written.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
+import os
+from array import array
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+
+from megatron_sdar.data.inputs import utf8_error
 
 
 class ExampleError(ValueError):
@@ -28,14 +36,6 @@ class TokenizedExample:
 
     def __len__(self) -> int:
         return len(self.tokens)
-
-
-def parse_json_line(line: str) -> Any:
-    """One JSONL line, or an :class:`ExampleError` saying where it is malformed."""
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ExampleError(f"invalid JSON ({err.msg} at column {err.colno})") from None
 
 
 def example_messages(example: Any) -> list[dict[str, str]]:
@@ -55,17 +55,30 @@ def example_messages(example: Any) -> list[dict[str, str]]:
                 raise ExampleError(f"message {i} needs string 'role' and 'content'")
         if not any(m["role"] == "assistant" for m in messages):
             raise ExampleError("no assistant message to train on")
+        if messages[0]["role"] == "assistant":
+            raise ExampleError("the chat starts with the assistant's turn (there is no prompt before it)")
+        for i, m in enumerate(messages):
+            _check_text(m["content"], f"message {i}")
         return messages
     if "prompt" in example and "response" in example:
         if not isinstance(example["prompt"], str) or not isinstance(example["response"], str):
             raise ExampleError("'prompt' and 'response' must be strings")
         if not example["response"].strip():
             raise ExampleError("empty response")
+        _check_text(example["prompt"], "'prompt'")
+        _check_text(example["response"], "'response'")
         return [
             {"role": "user", "content": example["prompt"]},
             {"role": "assistant", "content": example["response"]},
         ]
     raise ExampleError("expected 'messages' or 'prompt' and 'response' keys")
+
+
+def _check_text(text: str, where: str) -> None:
+    error = utf8_error(text, unit="character")
+    if error is not None:
+        reason, _, detail = error.partition(" (")
+        raise ExampleError(f"{reason} in the text of {where} ({detail}")
 
 
 def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]]) -> TokenizedExample:
@@ -80,7 +93,10 @@ def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]]) -> TokenizedEx
         raise ExampleError("the tokenizer has no chat template; SFT data needs a chat-templated HF tokenizer")
 
     def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
-        return hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        try:
+            return hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as err:  # templates raise anything: jinja2 errors, their own raise_exception
+            raise ExampleError(f"the chat template fails ({type(err).__name__}: {err})") from None
 
     segments: list[tuple[str, bool]] = []
     done = ""
@@ -144,3 +160,54 @@ def pack_greedy(lengths: list[int], capacity: int) -> list[list[int]]:
                 del sizes[pos]
         packs.append(pack)
     return packs
+
+
+class ExampleSpill:
+    """Tokenised examples appended to a file as they come and read back one at a time by index.
+
+    Each example is stored as its tokens (``int32``) followed by its eligibility (``uint8``); only
+    the offsets and lengths stay in memory. :meth:`finish` ends the writing; then ``spill[i]`` gives
+    ``(tokens, eligible)`` of example ``i`` as numpy arrays.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.offsets = array("q")
+        self.lengths = array("i")
+        self._size = 0
+        self._file = open(path, "wb")  # closed by finish() or close()
+        self._fd: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def append(self, tokens: Any, eligible: Any) -> None:
+        tokens = np.asarray(tokens, dtype=np.int32)
+        eligible = np.asarray(eligible, dtype=np.uint8)
+        if tokens.shape != eligible.shape or tokens.ndim != 1:
+            raise ValueError(f"tokens {tokens.shape} and eligibility {eligible.shape} differ")
+        self._file.write(tokens.tobytes())
+        self._file.write(eligible.tobytes())
+        self.offsets.append(self._size)
+        self.lengths.append(len(tokens))
+        self._size += 5 * len(tokens)
+
+    def finish(self) -> None:
+        """Stop appending; examples can be read from now on."""
+        self._file.close()
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._fd is None:
+            raise RuntimeError("call finish() before reading examples back")
+        n = self.lengths[index]
+        data = os.pread(self._fd, 5 * n, self.offsets[index])
+        if len(data) != 5 * n:
+            raise OSError(f"{self.path} is shorter than written: was it changed while in use?")
+        return np.frombuffer(data, np.int32, n), np.frombuffer(data, np.uint8, n, offset=4 * n)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

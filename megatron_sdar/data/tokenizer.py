@@ -39,6 +39,19 @@ class LocalTokenizer:
 KINDS = ("hf", "sentencepiece")
 
 
+# files that hold a HF tokenizer's vocabulary (besides *.tiktoken)
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def has_tokenizer_files(folder: str) -> bool:
+    """Whether ``folder`` holds a tokenizer's vocabulary. transformers builds a placeholder
+    tokenizer from a model's config.json alone (one special token), which would tokenise silently
+    to nothing."""
+    if any(os.path.isfile(os.path.join(folder, n)) for n in VOCABULARY_FILES):
+        return True
+    return os.path.isdir(folder) and any(n.endswith(".tiktoken") for n in os.listdir(folder))
+
+
 def load_tokenizer(path: str, eod_token: str | None = None, kind: str | None = None) -> LocalTokenizer:
     """Load a tokenizer from a HF directory (``tokenizer.json``/``tokenizer_config.json``) or a
     SentencePiece model file. ``eod_token`` overrides the end-of-document token.
@@ -71,7 +84,14 @@ def _load_hf(path: str, eod_token: str | None) -> LocalTokenizer:
         from transformers import AutoTokenizer
     except ImportError as err:  # pragma: no cover - depends on the install
         raise ImportError("HF tokenizers need `transformers`: pip install -e '.[hf]'") from err
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not has_tokenizer_files(path):
+        raise ValueError(f"{path} holds no tokenizer (none of {', '.join(VOCABULARY_FILES)})")
+    # an SDAR export names remote code in its config.json; a tokenizer never needs it
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    if len(tok) == 0:  # transformers returns an empty tokenizer for a folder without tokenizer files
+        raise ValueError(
+            f"{path} holds no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, ...)"
+        )
     if eod_token is not None:
         eod_id = tok.convert_tokens_to_ids(eod_token)
         if eod_id is None or eod_id == tok.unk_token_id:

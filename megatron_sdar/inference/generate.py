@@ -9,6 +9,11 @@ Per block: denoising forwards read the cache and do not write it; after each, th
 finalises some masked positions; a finished block's keys and values are written by one more forward
 (the paper's extra pass) or, with ``fold_commit`` (default; exact, since the finished block only
 attends to the cache and itself), by the next block's first denoising forward.
+
+Where ``max_new_tokens`` ends inside a block, that last block is still decoded as a whole masked
+block, as in training: its positions past the end are mask tokens like the rest (never the stop or
+pad token, which the block being denoised would see) and are cut from the output afterwards. So
+``n`` tokens decoded greedily are the first ``n`` of ``n + k``.
 """
 
 from __future__ import annotations
@@ -25,12 +30,22 @@ from megatron_sdar.inference.strategies import StrategyConfig, select, static_qu
 
 @dataclass
 class GenerationResult:
+    """Generated tokens and the forward accounting.
+
+    Only returned tokens count: positions of the last block past ``max_new_tokens`` (decoded so the
+    block looks as in training) and tokens after a stop token are not ``generated``. A row takes part
+    in a denoising forward (``row_forwards``) while one of its returned positions is still masked;
+    the block's extra positions never cost a forward of their own, since denoising stops once every
+    returned position is final.
+    """
+
     tokens: list[list[int]]  # generated tokens per prompt (stop token included, nothing after it)
     denoise_forwards: int = 0  # forwards that produced tokens
     commit_forwards: int = 0  # extra forwards that only wrote a finished block's cache
     prefill_forwards: int = 0
     seconds: float = 0.0
     row_forwards: list[int] = field(default_factory=list)  # denoising forwards each row took part in
+    blocks: int | None = None  # blocks decoded (block diffusion); None for AR decoding
 
     @property
     def generated(self) -> int:
@@ -46,17 +61,18 @@ class GenerationResult:
         return self.generated / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> dict:
-        return {
+        """The accounting that applies: block figures only for block-diffusion decoding."""
+        out = {
             "generated_tokens": self.generated,
             "tokens_per_forward": round(self.tokens_per_forward, 3),
             "denoise_forwards": self.denoise_forwards,
-            "commit_forwards": self.commit_forwards,
-            "forwards_per_block": round(self.denoise_forwards / max(1, self._blocks), 3),
-            "tokens_per_second": round(self.tokens_per_second, 1),
-            "seconds": round(self.seconds, 3),
         }
-
-    _blocks: int = 0
+        if self.blocks is not None:
+            out["commit_forwards"] = self.commit_forwards
+            out["forwards_per_block"] = round(self.denoise_forwards / max(1, self.blocks), 3)
+        out["tokens_per_second"] = round(self.tokens_per_second, 1)
+        out["seconds"] = round(self.seconds, 3)
+        return out
 
 
 def _clean_mask(block_ids: torch.Tensor, valid: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -99,7 +115,11 @@ def generate_block_diffusion(
     fold_commit: bool = True,
     clean_attention: str = "block_causal",
 ) -> GenerationResult:
-    """Decode ``max_new_tokens`` (or until a stop token) after each prompt, ``block_size`` at a time."""
+    """Decode ``max_new_tokens`` (or until a stop token) after each prompt, ``block_size`` at a time.
+
+    A last block that ``max_new_tokens`` ends inside is decoded whole (all its free positions masked)
+    and cut; see :class:`GenerationResult` for how its extra positions are counted (they are not).
+    """
     strategy = strategy or StrategyConfig()
     sampling = sampling or SamplingConfig()
     if block_size < 1 or max_new_tokens < 1:
@@ -124,12 +144,14 @@ def generate_block_diffusion(
     idx = torch.arange(frame.shape[1], device=device)
     positions = (idx[None, :] - pads[:, None]).clamp_min(0)
     prompt_end = pads + lengths
+    returned_end = prompt_end + max_new_tokens  # first position not returned
+    decode_end = (returned_end + B - 1) // B * B  # the end of the block holding the last returned one
     real = idx[None, :] >= pads[:, None]
     block_of = (idx // B)[None, :].expand(b, -1)
     causal = clean_attention == "causal"
 
     backend.reset(b)
-    result = GenerationResult(tokens=[[] for _ in prompts], row_forwards=[0] * b)
+    result = GenerationResult(tokens=[[] for _ in prompts], row_forwards=[0] * b, blocks=0)
     if nb > 1:  # prefill the blocks every prompt covers completely
         n = (nb - 1) * B
         backend.forward(
@@ -147,21 +169,21 @@ def generate_block_diffusion(
     for k in range(nb - 1, total_blocks):
         cols = slice(k * B, (k + 1) * B)
         block = frame[:, cols].clone()
-        generate_here = (idx[cols][None, :] >= prompt_end[:, None]) & (
-            idx[cols][None, :] < (prompt_end + max_new_tokens)[:, None]
-        )
+        at = idx[cols][None, :]
+        generate_here = (at >= prompt_end[:, None]) & (at < decode_end[:, None])
+        returned = generate_here & (at < returned_end[:, None])
         masked = generate_here & ~finished[:, None]
         block[masked] = mask_token_id
         block[generate_here & finished[:, None]] = pad
         valid_block = real[:, cols]
         at_start = masked.sum(-1)
         step = 0
-        if pending is not None and not bool(masked.any()):  # nothing to decode here: write it now
+        if pending is not None and not bool((masked & returned).any()):  # nothing to decode: write it now
             commit = _clean_mask(torch.zeros_like(pending[1]), pending[2], causal)
             backend.forward(pending[0], pending[1], commit, pending[2], write=B)
             result.commit_forwards += 1
             pending = None
-        while masked.any():
+        while (masked & returned).any():  # the extra positions alone never take a forward
             if pending is not None:
                 tokens = torch.cat([pending[0], block], dim=1)
                 pos = torch.cat([pending[1], positions[:, cols]], dim=1)
@@ -178,7 +200,7 @@ def generate_block_diffusion(
                 mask = torch.ones(b, B, B, dtype=torch.bool, device=device)
                 logits = backend.forward(block, positions[:, cols], mask, valid_block, write=0)
             result.denoise_forwards += 1
-            for r in torch.nonzero(masked.any(-1)).flatten().tolist():
+            for r in torch.nonzero((masked & returned).any(-1)).flatten().tolist():
                 result.row_forwards[r] += 1
             logits = logits.float()
             logits[..., mask_token_id] = float("-inf")
@@ -192,10 +214,10 @@ def generate_block_diffusion(
             step += 1
         frame[:, cols] = block
         if stops is not None:
-            hit = torch.isin(block, stops) & generate_here & ~finished[:, None]
+            hit = torch.isin(block, stops) & returned & ~finished[:, None]
             finished |= hit.any(-1)
-        finished |= (prompt_end + max_new_tokens) <= (k + 1) * B
-        result._blocks += 1
+        finished |= returned_end <= (k + 1) * B
+        result.blocks += 1
         if bool(finished.all()):
             break
         if fold_commit:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Any
 
 import torch
 
-from megatron_sdar.conversion.architecture import Architecture
+from megatron_sdar.conversion.architecture import Architecture, padded_vocab
 from megatron_sdar.conversion.megatron import checkpoint_architecture, resolve_checkpoint
 
 
@@ -46,6 +47,48 @@ def _init_world() -> int:
     return world
 
 
+def tensor_parallel_problems(arch: Architecture, tp: int) -> list[str]:
+    """What in ``arch`` does not split over ``tp`` tensor-parallel ranks (Megatron asserts on each)."""
+    problems = []
+    if arch.num_attention_heads % tp or arch.num_query_groups % tp:
+        problems.append(f"{arch.num_attention_heads} heads / {arch.num_query_groups} KV groups")
+    if arch.ffn_hidden_size % tp:
+        problems.append(f"FFN size {arch.ffn_hidden_size}")
+    if arch.num_experts and arch.moe_ffn_hidden_size % tp:
+        problems.append(f"expert FFN size {arch.moe_ffn_hidden_size}")
+    if arch.padded_vocab_size % tp:
+        problems.append(f"the padded vocabulary of {arch.padded_vocab_size:,} rows")
+    return problems
+
+
+def check_tensor_parallel(arch: Architecture, tp: int, converted: bool = True, most: int = 8) -> None:
+    """Refuse, before any model is built, a tensor-parallel size ``tp`` (the world size) that the
+    checkpoint's model does not split over, saying what to change.
+
+    The padded vocabulary is fixed when a checkpoint is written (``--make-vocab-size-divisible-by``
+    times the tensor-parallel size it was converted or trained at), so a vocabulary that does not
+    split is mended by converting again (``converted``), or by running at a size that divides it.
+    """
+    problems = tensor_parallel_problems(arch, tp)
+    if not problems:
+        return
+    fits = [n for n in range(1, most + 1) if not tensor_parallel_problems(arch, n)]
+    sizes = ", ".join(map(str, fits)) or "none"
+    msg = f"the checkpoint does not split over tensor parallel size {tp} (the world size): "
+    msg += "; ".join(problems)
+    if len(problems) == 1 and problems[0].startswith("the padded vocabulary") and converted:
+        divisor = 128 * tp // math.gcd(128, tp)
+        msg += (
+            f". The padding was fixed at conversion; convert again with --tensor-model-parallel-size {tp} "
+            f"(pads the {arch.vocab_size:,}-row vocabulary to {padded_vocab(arch.vocab_size, 128, tp):,} "
+            f"rows), or with --make-vocab-size-divisible-by {divisor} (a multiple of 128 and of {tp}). Or run"
+        )
+    else:
+        msg += ". Run"
+    msg += f" on a number of ranks it splits over (torchrun --nproc-per-node N; N up to {most}: {sizes})"
+    raise ValueError(msg)
+
+
 def load_megatron_model(
     load: str, iteration: str | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[Any, Architecture, str | None]:
@@ -60,11 +103,8 @@ def load_megatron_model(
 
     path = resolve_checkpoint(load, iteration)
     arch, saved = checkpoint_architecture(load, path)
+    check_tensor_parallel(arch, int(os.environ.get("WORLD_SIZE", "1")), converted=saved is None)
     tp = _init_world()
-    if arch.num_attention_heads % tp or arch.num_query_groups % tp:
-        raise ValueError(
-            f"{arch.num_attention_heads} heads / {arch.num_query_groups} groups do not split over TP={tp}"
-        )
     if device == "cuda" or str(device).startswith("cuda"):
         model_parallel_cuda_manual_seed(0)
     config = qwen3_transformer_config(

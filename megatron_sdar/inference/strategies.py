@@ -38,6 +38,22 @@ class StrategyConfig:
         if self.entropy_bound < 0:
             raise ValueError(f"entropy_bound must be >= 0, got {self.entropy_bound}")
 
+    @property
+    def uses_tau(self) -> bool:
+        return self.name == "low_confidence_dynamic"
+
+    def settings(self, block_size: int) -> dict:
+        """The strategy and only the knobs it reads (for reports): ``steps`` for the static schedules,
+        ``tau`` and ``min_per_step`` for the dynamic one, ``entropy_bound`` for the entropy one."""
+        out: dict = {"strategy": self.name}
+        if self.name in ("sequential", "low_confidence_static"):
+            out["steps"] = self.steps or block_size
+        elif self.uses_tau:
+            out.update(tau=self.tau, min_per_step=self.min_per_step)
+        else:
+            out["entropy_bound"] = self.entropy_bound
+        return out
+
 
 def static_quota(masked_at_start: torch.Tensor, steps: int, step: int) -> torch.Tensor:
     """Positions to finalise at ``step`` (0-based) when ``masked_at_start`` (per row) are spread

@@ -1,4 +1,5 @@
-"""The ``--sdar-*`` argument group and the checks that refuse settings SDAR cannot run with."""
+"""The ``--sdar-*`` argument group and the checks that refuse settings a run cannot start with: SDAR
+settings, a checkpoint named to start from that is not there, logging that would write nothing."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import argparse
 import json
 import os
 
-from megatron_sdar.config import ATTENTION_BACKENDS, LossNormalizer, PositionIds, SDARConfig
+from megatron_sdar.config import ATTENTION_BACKENDS, DocumentMask, LossNormalizer, PositionIds, SDARConfig
 from megatron_sdar.masks import BlockCounting, CleanAttention
-from megatron_sdar.noise import NoiseUnit
+from megatron_sdar.noise import EmptyRows, NoiseUnit
 
 OBJECTIVES = ("sdar", "ar")
 
@@ -47,6 +48,31 @@ def add_sdar_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         choices=[u.value for u in NoiseUnit],
         default="document",
         help="draw t once per document (default) or once per block",
+    )
+    g.add_argument(
+        "--sdar-noise-range",
+        type=float,
+        nargs=2,
+        metavar=("T_MIN", "T_MAX"),
+        default=(0.0, 1.0),
+        help="draw t uniformly in [T_MIN, T_MAX] (default 0 1; the released LLaDA2 SFT code uses 0.3 0.8)",
+    )
+    g.add_argument(
+        "--sdar-empty-rows",
+        choices=[e.value for e in EmptyRows],
+        default="redraw",
+        help="a row that draws no masked token: redraw its t and masks (up to 10 tries) with loss weights "
+        "conditioned on the row having one, so the expected weight per eligible token stays 1 "
+        "(default); force: one forced token keeping its small p, as before (over-weights small rows)",
+    )
+    g.add_argument(
+        "--sdar-document-mask",
+        choices=[d.value for d in DocumentMask],
+        default="separate",
+        help="separate (default): attention never crosses the documents packed into a window; "
+        "global: the paper's CPT mask, 'a global block-wise attention mask' over the whole window "
+        "(attention across documents, blocks counted from the window start; noise still per "
+        "document); CPT only",
     )
     g.add_argument("--sdar-loss-normalizer", choices=[n.value for n in LossNormalizer], default="eligible")
     g.add_argument(
@@ -109,6 +135,9 @@ def sdar_config_from_args(args: argparse.Namespace) -> SDARConfig:
         mask_token_id=-1 if args.sdar_mask_token_id is None else args.sdar_mask_token_id,
         noise_eps=args.sdar_noise_eps,
         noise_unit=args.sdar_noise_unit,
+        noise_range=tuple(getattr(args, "sdar_noise_range", (0.0, 1.0))),
+        empty_rows=getattr(args, "sdar_empty_rows", "redraw"),
+        document_mask=getattr(args, "sdar_document_mask", "separate"),
         loss_normalizer=args.sdar_loss_normalizer,
         clean_attention=args.sdar_clean_attention,
         block_counting=args.sdar_block_counting,
@@ -131,16 +160,130 @@ def _importable(module: str) -> bool:
     return True
 
 
+TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron's marker of a complete checkpoint
+
+
+class SettingsError(ValueError):
+    """Settings a run cannot start with: ``problems`` lists every one, each saying what to change."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__(describe_problems(self.problems))
+
+
+def describe_problems(problems: list[str]) -> str:
+    """One message listing ``problems`` (continuation lines of a problem stay under its bullet)."""
+    items = ["  - " + problem.replace("\n", "\n    ") for problem in problems]
+    return "\n".join([f"invalid settings ({len(problems)} to fix):", *items])
+
+
 def _resumable_checkpoint(args: argparse.Namespace) -> bool:
     """Whether this run will restore optimizer state from ``--load``."""
     load = getattr(args, "load", None)
     if not load or getattr(args, "finetune", False) or getattr(args, "no_load_optim", False):
         return False
-    return os.path.exists(os.path.join(load, "latest_checkpointed_iteration.txt"))
+    return os.path.exists(os.path.join(load, TRACKER_FILE))
+
+
+def holds_checkpoint(path: str, args: argparse.Namespace | None = None) -> bool:
+    """Whether Megatron will find a checkpoint to load in ``path``: its tracker file, or a global
+    non-persistent checkpoint. Places this process cannot look into (object stores, node-local
+    non-persistent checkpoints) count as holding one; Megatron decides there."""
+    if "://" in path:
+        return True
+    if os.path.isfile(os.path.join(path, TRACKER_FILE)):
+        return True
+    kind = getattr(args, "non_persistent_ckpt_type", None)
+    if kind == "local":
+        return True
+    if kind == "global":
+        folder = getattr(args, "non_persistent_global_ckpt_dir", None) or os.path.join(path, "non_persistent")
+        return os.path.isfile(os.path.join(folder, TRACKER_FILE))
+    return False
+
+
+def _same_folder(a: str | None, b: str | None) -> bool:
+    return bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
+
+
+def _why_empty(path: str) -> str:
+    if not os.path.exists(path):
+        return f"{path} does not exist"
+    return f"{path} holds no Megatron checkpoint (no {TRACKER_FILE})"
+
+
+_CONVERT_HINT = (
+    "convert a HF model into it (tools/convert_hf_to_mcore.py --hf-dir MODEL --save DIR) or name the "
+    "--save folder of an earlier run"
+)
+
+
+def start_checkpoint_problems(args: argparse.Namespace) -> list[str]:
+    """Refuse to start from random weights when the flags name weights to start from.
+
+    ``--finetune`` always needs a checkpoint in ``--load``; so does ``--pretrained-checkpoint`` (when
+    ``--load`` holds none) and ``--exit-on-missing-checkpoint``. A plain ``--load`` that holds none
+    starts fresh only when it is ``--save`` (the first run of a job that resumes on requeue, see
+    :func:`fresh_start_notice`); any other empty ``--load`` is a wrong path.
+    """
+    load = getattr(args, "load", None)
+    pretrained = getattr(args, "pretrained_checkpoint", None)
+    if load and holds_checkpoint(load, args):
+        return []
+    if pretrained:
+        if holds_checkpoint(pretrained):
+            return []
+        also = f" and --load {load} holds none either" if load else ""
+        return [f"--pretrained-checkpoint {_why_empty(pretrained)}{also}: {_CONVERT_HINT}"]
+    if not load:
+        if getattr(args, "finetune", False):
+            return ["--finetune starts from the weights in --load: pass --load DIR (a checkpoint written by "
+                    "tools/convert_hf_to_mcore.py or by training)"]  # fmt: skip
+        return []
+    if getattr(args, "finetune", False):
+        return [f"--finetune --load {load}: {_why_empty(load)}, so the run would start from random "
+                f"weights; fix the path, or {_CONVERT_HINT}"]  # fmt: skip
+    if getattr(args, "exit_on_missing_checkpoint", False):
+        return [f"--exit-on-missing-checkpoint: {_why_empty(load)}"]
+    if _same_folder(load, getattr(args, "save", None)):
+        return []
+    return [f"--load {load}: {_why_empty(load)}, and it is not --save, so there is nothing to resume. Fix "
+            "the path; to start from converted weights add --finetune; for a run that starts fresh and "
+            "resumes after a requeue pass the same folder to --load and --save"]  # fmt: skip
+
+
+def fresh_start_notice(args: argparse.Namespace) -> str | None:
+    """The line to print when ``--load`` is ``--save`` and holds no checkpoint yet (a fresh start)."""
+    load = getattr(args, "load", None)
+    if (
+        load
+        and not getattr(args, "finetune", False)
+        and not getattr(args, "pretrained_checkpoint", None)
+        and _same_folder(load, getattr(args, "save", None))
+        and not holds_checkpoint(load, args)
+    ):
+        return f"no checkpoint in --load {load} yet: starting from random initial weights (first run)"
+    return None
+
+
+def logging_problems(args: argparse.Namespace) -> list[str]:
+    """W&B settings that would log nothing."""
+    if getattr(args, "wandb_project", None) and not getattr(args, "tensorboard_dir", None):
+        return ["--wandb-project: megatron-core 0.19.2 logs to W&B only beside TensorBoard, so nothing "
+                "would be logged: add --tensorboard-dir DIR"]  # fmt: skip
+    return []
 
 
 def validate_sdar_args(args: argparse.Namespace, vocab_size: int | None = None, special_tokens=None) -> None:
-    """Fail early, saying what to change, on settings SDAR training cannot run with."""
+    """Fail early, saying what to change, on settings SDAR training cannot run with
+    (:class:`SettingsError` listing every problem of :func:`sdar_problems`)."""
+    problems = sdar_problems(args, vocab_size, special_tokens)
+    if problems:
+        raise SettingsError(problems)
+
+
+def sdar_problems(args: argparse.Namespace, vocab_size: int | None = None, special_tokens=None) -> list[str]:
+    """Every setting SDAR training cannot run with, each saying what to change."""
     problems = []
     if args.context_parallel_size > 1:
         problems.append(
@@ -204,12 +347,14 @@ def validate_sdar_args(args: argparse.Namespace, vocab_size: int | None = None, 
                 problems.append(f"--sdar-attention-backend split runs flash attention, which needs a head "
                                 f"size that is a multiple of 8 up to 256 (got {head_dim}); use "
                                 "--sdar-attention-backend flex")  # fmt: skip
-        try:
-            known_vocab = vocab_size if args.sdar_mask_token_id is not None else None
-            sdar_config_from_args(args).validate(args.seq_length, known_vocab, special_tokens)
-        except ValueError as err:
-            problems.append(str(err))
+        known_vocab = vocab_size if args.sdar_mask_token_id is not None else None
+        config = sdar_config_from_args(args)
+        problems += config.problems(args.seq_length, known_vocab, special_tokens)
+    if args.sdar_stage == "sft" and getattr(args, "sdar_document_mask", "separate") == "global":
+        problems.append(
+            "--sdar-document-mask global is the CPT mask; SFT examples must not see each other "
+            "(use separate, the default, with --sdar-stage sft)"
+        )
     if args.sdar_stage == "sft" and getattr(args, "mock_data", False):
         problems.append("--mock-data only provides CPT windows; use --sdar-stage cpt")
-    if problems:
-        raise ValueError("invalid SDAR settings:\n  - " + "\n  - ".join(problems))
+    return problems

@@ -556,6 +556,8 @@ class SDARForCausalLM(SDARPreTrainedModel, GenerationMixin):
         positions = (idx[None, :] - pads[:, None]).clamp_min(0)
         real = idx[None, :] >= pads[:, None]
         prompt_end = pads + lengths
+        returned_end = prompt_end + max_new  # first position not returned
+        decode_end = (returned_end + B - 1) // B * B  # a last block that max_new ends inside is decoded whole
         cache = SDARCache(self.config.num_hidden_layers)
         counts = {"denoise": 0, "commit": 0, "row_forwards": 0}
         if nb > 1:  # prefill the blocks every prompt fills completely
@@ -568,21 +570,21 @@ class SDARForCausalLM(SDARPreTrainedModel, GenerationMixin):
         for k in range(nb - 1, total_blocks):
             cols = slice(k * B, (k + 1) * B)
             tokens = frame[:, cols].clone()
-            here = (idx[cols][None, :] >= prompt_end[:, None]) & (
-                idx[cols][None, :] < (prompt_end + max_new)[:, None]
-            )
+            at = idx[cols][None, :]
+            here = (at >= prompt_end[:, None]) & (at < decode_end[:, None])
+            returned = here & (at < returned_end[:, None])  # the rest is masked too, then cut
             masked = here & ~finished[:, None]
             tokens[masked] = mask_id
             tokens[here & finished[:, None]] = pad
             valid, pos = real[:, cols], positions[:, cols]
             at_start = masked.sum(-1)
             step = 0
-            if pending is not None and not bool(masked.any()):
+            if pending is not None and not bool((masked & returned).any()):
                 self(pending[0], attention_mask=pending[2], position_ids=pending[1], past_key_values=cache,
                      store_kv=B)  # fmt: skip
                 counts["commit"] += 1
                 pending = None
-            while masked.any():
+            while (masked & returned).any():  # stops once every returned position is final
                 if pending is not None:
                     logits = self(
                         torch.cat([pending[0], tokens], 1), attention_mask=torch.cat([pending[2], valid], 1),
@@ -593,7 +595,7 @@ class SDARForCausalLM(SDARPreTrainedModel, GenerationMixin):
                     logits = self(tokens, attention_mask=valid, position_ids=pos, past_key_values=cache,
                                   store_kv=0).logits  # fmt: skip
                 counts["denoise"] += 1
-                counts["row_forwards"] += int(masked.any(-1).sum())
+                counts["row_forwards"] += int((masked & returned).any(-1).sum())
                 logits = logits.float()
                 logits[..., mask_id] = float("-inf")
                 chosen, confidence, entropy = _choose_tokens(logits, temperature, top_k, top_p, gen)
@@ -604,8 +606,8 @@ class SDARForCausalLM(SDARPreTrainedModel, GenerationMixin):
                 step += 1
             frame[:, cols] = tokens
             if stop_ids is not None:
-                finished |= (torch.isin(tokens, stop_ids) & here & ~finished[:, None]).any(-1)
-            finished |= (prompt_end + max_new) <= (k + 1) * B
+                finished |= (torch.isin(tokens, stop_ids) & returned & ~finished[:, None]).any(-1)
+            finished |= returned_end <= (k + 1) * B
             if bool(finished.all()):
                 break
             if fold_commit:
