@@ -7,8 +7,9 @@
 Megatron's own flags keep their meaning (parallelism, optimizer, checkpoints, logging); the
 ``--sdar-*`` group (``python pretrain_sdar.py --help``) selects the objective and its settings.
 Settings the run cannot start with (the ``--sdar-*`` checks, a ``--finetune --load`` folder without
-a checkpoint, flags that disagree with a converted checkpoint, W&B without TensorBoard) are listed
-together in one message before any model is built, and the run exits with status 2.
+a checkpoint, flags that disagree with a converted checkpoint, a resume whose block-size schedule
+differs from the checkpoint's, W&B without TensorBoard) are listed together in one message before
+any model is built, and the run exits with status 2.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def settings_problems(args, tokenizer) -> list[str]:
     """Everything that stops this run before a model is built, all at once: the checkpoint to start
     from, logging, the ``--sdar-*`` settings, and the flags against a converted checkpoint."""
     from megatron_sdar.conversion.megatron import check_checkpoint_architecture
+    from megatron_sdar.schedule import resume_problems as schedule_resume_problems
     from megatron_sdar.training.arguments import logging_problems, sdar_problems, start_checkpoint_problems
 
     special = {"end-of-document": tokenizer.eod}
@@ -42,6 +44,7 @@ def settings_problems(args, tokenizer) -> list[str]:
         special["padding"] = pad
     problems = start_checkpoint_problems(args) + logging_problems(args)
     problems += sdar_problems(args, vocab_size=args.padded_vocab_size, special_tokens=special)
+    problems += schedule_resume_problems(args)  # the checkpoint's --sdar-block-size-schedule
     for checkpoint in (args.load, getattr(args, "pretrained_checkpoint", None)):
         try:
             check_checkpoint_architecture(checkpoint, args)

@@ -19,6 +19,13 @@ requeued SLURM job picks up where it stopped); otherwise it starts from ``--init
 checkpoint written by ``tools/convert_hf_to_mcore.py``) with ``--finetune``, which must hold a
 checkpoint by then (refused before launching otherwise, dry runs included).
 
+``--block-size-schedule`` trains with a block size that changes with the iteration
+(``--sdar-block-size-schedule``): ``wsd`` warms up from 1 (AR, what a Qwen3 checkpoint already
+does) through the powers of two dividing the block size, each stage twice as long as the one before,
+reaching the block size after 15% of the iterations and keeping it (CPT: 10000 iterations at B=4
+give ``1:0,2:500,4:1500``); an explicit ``B:ITER,...`` (e.g. ``1:0,4:2000,32:6000,8:9000``, which
+decays to 8 at the end) is passed through, and its last block size becomes ``--sdar-block-size``.
+
 The converter records the model it read in ``sdar_architecture.json`` beside the checkpoint. When
 ``--init-from`` has one, its block size and mask token id (those of a released SDAR model) are the
 defaults for ``--block-size`` and ``--mask-token-id`` (explicit flags still win), and a checkpoint
@@ -94,6 +101,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--block-size", type=int, default=None,
         help="default: the one --init-from's sdar_architecture.json records, else the stage's (4)",
+    )  # fmt: skip
+    p.add_argument(
+        "--block-size-schedule", default=None, metavar="wsd|B:ITER,...",
+        help="block size by iteration: 'wsd' (from 1 by doubling to the block size over the first 15%% of "
+        "iterations) or an explicit schedule ending on the block size (default: none, a fixed block size)",
     )  # fmt: skip
     p.add_argument("--global-batch-size", type=int, default=None)
     p.add_argument("--train-iters", type=int, default=None)
@@ -300,6 +312,30 @@ def _first_given(*values):
     return next(v for v in values if v is not None)
 
 
+def block_size_schedule(args: argparse.Namespace, block: int, iters: int):
+    """The ``--block-size-schedule`` asked for (``None`` without one): ``wsd`` warms up to ``block``
+    over ``iters`` iterations; an explicit schedule must end on ``--block-size`` when that is given."""
+    if args.block_size_schedule is None:
+        return None
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from megatron_sdar.schedule import BlockSizeSchedule, warmup_schedule
+
+    try:
+        if args.block_size_schedule == "wsd":
+            return warmup_schedule(block, iters)
+        schedule = BlockSizeSchedule.parse(args.block_size_schedule)
+    except ValueError as err:
+        raise SystemExit(f"error: --block-size-schedule {args.block_size_schedule!r}: {err}") from None
+    if args.block_size is not None and args.block_size != schedule.final:
+        raise SystemExit(
+            f"error: --block-size-schedule ends at block size {schedule.final} but --block-size is "
+            f"{args.block_size}: the schedule ends on the block size the model is decoded with (drop "
+            "--block-size, or end the schedule on it)"
+        )
+    return schedule
+
+
 def pretrain_args(args: argparse.Namespace) -> list[str]:
     model, stage = MODELS[args.model], STAGES[args.stage]
     arch = recorded_architecture(args.init_from)
@@ -310,10 +346,16 @@ def pretrain_args(args: argparse.Namespace) -> list[str]:
     lay = layout_for(args.model, args.nodes)
     check_layout(args)
     seq = args.seq_length or stage["seq"]
+    iters = args.train_iters or stage["iters"]
     block = _first_given(args.block_size, recorded_block, stage["block"])
     mask_token_id = _first_given(args.mask_token_id, recorded_mask, DEFAULT_MASK_TOKEN_ID)
+    schedule = block_size_schedule(args, block, iters)
+    if schedule is not None:
+        block = schedule.final
     if seq % block:
         raise SystemExit(f"error: --seq-length {seq} is not a multiple of the block size {block}")
+    if schedule is not None and schedule.problems(seq):
+        raise SystemExit(f"error: {schedule.problems(seq)[0]}")
     tokenizer = args.tokenizer or (os.path.join(args.init_from, "tokenizer") if args.init_from else None)
     if tokenizer is None:
         raise SystemExit("error: pass --tokenizer or --init-from (whose tokenizer/ folder is used)")
@@ -334,7 +376,6 @@ def pretrain_args(args: argparse.Namespace) -> list[str]:
         start = ["--load", args.init_from, "--finetune"]
     else:
         raise SystemExit(f"error: {args.save} holds no checkpoint to resume; pass --init-from")
-    iters = args.train_iters or stage["iters"]
     out = [
         *model["arch"], *QWEN3_COMMON,
         "--tensor-model-parallel-size", str(lay["tp"]), "--pipeline-model-parallel-size", str(lay["pp"]),
@@ -355,6 +396,8 @@ def pretrain_args(args: argparse.Namespace) -> list[str]:
         "--sdar-mask-token-id", str(mask_token_id),
         *start,
     ]  # fmt: skip
+    if schedule is not None:
+        out += ["--sdar-block-size-schedule", str(schedule)]
     if lay["tp"] > 1:
         out.append("--sequence-parallel")
     if args.stage == "cpt":

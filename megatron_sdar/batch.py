@@ -10,7 +10,7 @@ import torch
 
 from megatron_sdar.config import DocumentMask, PositionIds, SDARConfig
 from megatron_sdar.masks import BlockCounting, make_layout
-from megatron_sdar.noise import NoisedBatch, apply_noise
+from megatron_sdar.noise import NoisedBatch, apply_noise, complement, complementary_t_max
 from megatron_sdar.positions import sdar_position_ids
 
 
@@ -88,11 +88,13 @@ def build_sdar_batch(
     eligible: torch.Tensor,
     config: SDARConfig,
     generator: torch.Generator | list[torch.Generator] | None = None,
+    complementary: bool = False,
 ) -> SDARBatch:
     """Noise ``tokens`` ``[b, L]`` (documents given by ``doc_ids``) and lay out the 2L input.
 
     ``generator`` may be one generator for the whole batch or one per row (so a sample's noise can
-    depend on the sample alone, not on which micro-batch it landed in).
+    depend on the sample alone, not on which micro-batch it landed in). ``complementary`` gives the
+    complementary copy of the noise the same generator would draw (``config.complementary_masks``).
     """
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [batch, L], got shape {tuple(tokens.shape)}")
@@ -108,9 +110,12 @@ def build_sdar_batch(
         layout = make_layout(mask_docs, config.block_size, BlockCounting.WINDOW)
     else:
         layout = make_layout(doc_ids, config.block_size, config.block_counting)
+    t_range = config.noise_range
+    if config.complementary_masks:  # both copies keep a masking probability of at least eps
+        t_range = (t_range[0], min(t_range[1], complementary_t_max(config.noise_eps)))
     noise_args = dict(
         mask_token_id=config.mask_token_id, eps=config.noise_eps, unit=config.noise_unit,
-        t_range=config.noise_range, empty_rows=config.empty_rows,
+        t_range=t_range, empty_rows=config.empty_rows,
     )  # fmt: skip
     if isinstance(generator, list):
         if len(generator) != tokens.shape[0]:
@@ -127,6 +132,8 @@ def build_sdar_batch(
         noised = apply_noise(
             tokens, eligible, doc_ids, generator=generator, blocks=layout[:, 1], **noise_args
         )
+    if complementary:
+        noised = complement(noised, tokens, eligible, config.mask_token_id)
     return SDARBatch(
         input_ids=torch.cat([noised.noised_tokens, tokens], dim=-1),
         position_ids=sdar_position_ids(doc_ids, config.position_ids is PositionIds.DOCUMENT),

@@ -45,12 +45,15 @@ class SDARConfig:
     noise_range: tuple[float, float] = (0.0, 1.0)  # t ~ U(t_min, t_max)
     empty_rows: EmptyRows = EmptyRows.REDRAW  # rows that draw no masked token
     document_mask: DocumentMask = DocumentMask.SEPARATE
+    # each window twice in a micro-batch (consecutive rows), the second with the complementary mask
+    complementary_masks: bool = False
     loss_normalizer: LossNormalizer = LossNormalizer.ELIGIBLE
     clean_attention: CleanAttention = CleanAttention.BLOCK_CAUSAL
     block_counting: BlockCounting = BlockCounting.DOCUMENT
     position_ids: PositionIds = PositionIds.CONTINUOUS
     attention_backend: str = "auto"
     flex_kernel_options: dict | None = None  # FlexAttention kernel_options (tile sizes, warps, ...)
+    ar_loss_weight: float = 0.0  # W of the joint loss: diffusion + W * next-token CE on the clean half
 
     def __post_init__(self) -> None:
         self.noise_unit = NoiseUnit(self.noise_unit)
@@ -102,6 +105,21 @@ class SDARConfig:
             found.append(
                 f"--sdar-flex-kernel-options must be a JSON object, got {self.flex_kernel_options!r}"
             )
+        if self.ar_loss_weight < 0:
+            found.append(f"--sdar-ar-loss-weight must be >= 0 (0 = off), got {self.ar_loss_weight}")
+        elif self.ar_loss_weight > 0:
+            if self.clean_attention is not CleanAttention.CAUSAL:
+                found.append(
+                    "--sdar-ar-loss-weight trains next-token prediction on the clean half, which must "
+                    "then be token-causal: under block-causal attention a clean token sees the next "
+                    "token of its block, its own target. Pass --sdar-clean-attention causal (and decode "
+                    "by blocks with tools/generate.py --clean-attention causal)"
+                )
+            if self.document_mask is DocumentMask.GLOBAL:
+                found.append(
+                    "--sdar-ar-loss-weight keeps next-token targets inside documents, but "
+                    "--sdar-document-mask global keeps no document boundaries: use separate"
+                )
         if self.attention_backend not in ATTENTION_BACKENDS:
             found.append(
                 f"unknown SDAR attention backend {self.attention_backend!r}; use one of {ATTENTION_BACKENDS}"

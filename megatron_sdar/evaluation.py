@@ -1,5 +1,6 @@
 """Evaluation: math word-problem accuracy under block-diffusion decoding, and held-out text scores
-(the diffusion loss bound of Eq. 7 for SDAR models, next-token NLL for AR ones).
+(the diffusion loss bound of Eq. 7 for SDAR models, next-token NLL for AR ones and for SDAR models
+trained with the joint AR loss, whose token-causal clean half is a causal LM).
 
 Both run on a decoding back end (:class:`~megatron_sdar.inference.HFBackend` or
 :class:`~megatron_sdar.inference.MegatronBackend`): the text scores use the back end's forward with
@@ -144,7 +145,11 @@ def diffusion_bound(
 
 @torch.no_grad()
 def next_token_nll(backend, windows: Windows, eod_id: int) -> dict[str, float]:
-    """Mean next-token NLL inside documents (AR models), with a causal mask."""
+    """Mean next-token NLL inside documents, with a causal mask: AR models, and the clean half of an
+    SDAR model trained with ``--sdar-ar-loss-weight`` (``--sdar-clean-attention causal``: a clean
+    token attends to the earlier tokens of its document, as here). Each token predicts the next one
+    of its document; the end-of-document token is predicted, nothing after it; positions run on
+    across the window (the CPT default), as the training AR loss sees them."""
     total = count = 0.0
     for row in _rows(windows):
         row = row.to(backend.device)

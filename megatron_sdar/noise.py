@@ -159,3 +159,23 @@ def apply_noise(
 
     noised = torch.where(masked, torch.full_like(tokens, mask_token_id), tokens)
     return NoisedBatch(noised_tokens=noised, masked=masked, mask_prob=mask_prob, t=t)
+
+
+def complement(
+    noised: NoisedBatch, tokens: torch.Tensor, eligible: torch.Tensor, mask_token_id: int
+) -> NoisedBatch:
+    """The complementary copy of a noised sample: exactly the eligible tokens ``noised`` left clean
+    are masked, so the pair supervises every eligible token once. Each token's masking probability
+    is one minus the first copy's (reported floored at 1e-6 so never-masked tokens keep a finite
+    weight), which keeps the copy's ``1 / p`` weights unbiased on their own."""
+    eligible = eligible.to(torch.bool)
+    masked = eligible & ~noised.masked
+    mask_prob = (1.0 - noised.mask_prob).clamp_min(1e-6)
+    out = torch.where(masked, torch.full_like(tokens, mask_token_id), tokens)
+    return NoisedBatch(noised_tokens=out, masked=masked, mask_prob=mask_prob, t=noised.t)
+
+
+def complementary_t_max(eps: float) -> float:
+    """The largest ``t`` whose complement keeps a masking probability of at least ``eps``:
+    ``1 - p(t) >= eps`` for ``p = (1 - eps) t + eps``."""
+    return (1.0 - 2.0 * eps) / (1.0 - eps) if eps > 0 else 1.0

@@ -139,7 +139,7 @@ def run(args) -> int:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_sdar.config import SDARConfig
-    from megatron_sdar.loss import sdar_loss
+    from megatron_sdar.loss import next_token_targets, sdar_loss
     from megatron_sdar.model.sdar import masked_loss_index
     from tests.cpu_shims import install_cpu_schedule_shims
     from tests.helpers import init_megatron, tiny_model
@@ -234,11 +234,17 @@ def run(args) -> int:
         batch = next(data_iterator)
         # the reference always runs the output layer on the whole noised half
         selected = args.masked_output and args.phase == "par"
+        ar = {}  # the joint AR loss: next-token targets of the clean half (on them only when selected)
+        if args.ar_loss_weight:
+            targets, valid = next_token_targets(batch.labels, batch.layout, batch.eligible)
+            ar = {"ar_labels": targets, "ar_index": masked_loss_index(valid) if selected else None}
         output = model(
             batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels,
-            loss_index=masked_loss_index(batch.masked) if selected else None,
+            loss_index=masked_loss_index(batch.masked) if selected else None, **ar,
         )  # fmt: skip
-        return output, partial(sdar_loss, batch=batch, normalizer=sdar.loss_normalizer)
+        return output, partial(
+            sdar_loss, batch=batch, normalizer=sdar.loss_normalizer, ar_weight=args.ar_loss_weight
+        )
 
     losses = get_forward_backward_func()(
         forward_step_func=forward_step,
@@ -328,6 +334,7 @@ def main() -> None:
     parser.add_argument("--vpp", type=int, default=1, help="virtual pipeline stages per rank (par phase)")
     parser.add_argument("--clean-attention", default="block_causal")
     parser.add_argument("--loss-normalizer", default="eligible")
+    parser.add_argument("--ar-loss-weight", type=float, default=0.0, help="joint AR loss (causal clean half)")
     parser.add_argument(
         "--masked-output", action="store_true", help="output layer on masked positions only (par phase)"
     )

@@ -17,7 +17,7 @@ import torch
 
 from megatron_sdar.batch import SDARBatch, build_sdar_batch
 from megatron_sdar.config import SDARConfig
-from megatron_sdar.loss import sdar_loss
+from megatron_sdar.loss import next_token_targets, sdar_loss
 from megatron_sdar.masks import document_ids_from_eod
 from tests.helpers import tiny_model
 
@@ -94,3 +94,60 @@ def test_diffusion_loss_falls(megatron_world):
     )
     assert final_loss < 0.4 * initial_loss, (initial_loss, final_loss)
     assert final_acc > 0.4, (initial_acc, final_acc)
+
+
+JOINT_STEPS = 120  # the AR loss on the clean half: about 15-25 s on two CPU cores
+
+
+def joint_scores(model, held_out: list[torch.Tensor], sdar: SDARConfig) -> tuple[float, float]:
+    """Held-out diffusion loss and next-token NLL of the clean half (each over its own count)."""
+    model.eval()
+    sums = {"diffusion loss": [0.0, 0.0], "ar loss": [0.0, 0.0]}
+    noise = torch.Generator().manual_seed(10_000)
+    with torch.no_grad():
+        for tokens in held_out:
+            batch = batch_of(tokens, sdar, noise)
+            targets, _ = next_token_targets(batch.labels, batch.layout, batch.eligible)
+            out = model(
+                batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels, ar_labels=targets
+            )
+            report = sdar_loss(out, batch, ar_weight=1.0)[2]
+            for key, pair in sums.items():
+                pair[0] += report[key][0].item()
+                pair[1] += report[key][1].item()
+    model.train()
+    return sums["diffusion loss"][0] / sums["diffusion loss"][1], sums["ar loss"][0] / sums["ar loss"][1]
+
+
+def test_joint_ar_and_diffusion_losses_fall(megatron_world):
+    """With ``--sdar-ar-loss-weight 0.5`` (token-causal clean half) the same tiny model learns both
+    ways: the clean half's next-token NLL (the next value of a progression follows from the last two)
+    and the noised half's diffusion loss fall together."""
+    sdar = SDARConfig(block_size=B, mask_token_id=MASK, clean_attention="causal", ar_loss_weight=0.5)
+    shape = dict(num_layers=2, hidden_size=96, num_attention_heads=4, num_query_groups=2, kv_channels=24)
+    model = tiny_model(sdar, vocab_size=VOCAB, seq_length=L, ffn_hidden_size=192, seed=0, **shape)
+    held_out = [windows(torch.Generator().manual_seed(100 + i), ROWS) for i in range(4)]
+    initial_diffusion, initial_nll = joint_scores(model, held_out, sdar)
+
+    data = torch.Generator().manual_seed(1)
+    noise = torch.Generator().manual_seed(2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    start = time.perf_counter()
+    for _ in range(JOINT_STEPS):
+        batch = batch_of(windows(data, ROWS), sdar, noise)
+        targets, _ = next_token_targets(batch.labels, batch.layout, batch.eligible)
+        out = model(batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels, ar_labels=targets)
+        loss_sum, count, _ = sdar_loss(out, batch, ar_weight=sdar.ar_loss_weight)
+        optimizer.zero_grad(set_to_none=True)
+        (loss_sum / count).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    seconds = time.perf_counter() - start
+
+    final_diffusion, final_nll = joint_scores(model, held_out, sdar)
+    print(
+        f"\ndiffusion loss {initial_diffusion:.3f} -> {final_diffusion:.3f}, next-token NLL "
+        f"{initial_nll:.3f} -> {final_nll:.3f}, {JOINT_STEPS} steps in {seconds:.1f} s"
+    )
+    assert final_diffusion < 0.5 * initial_diffusion, (initial_diffusion, final_diffusion)
+    assert final_nll < 0.3 * initial_nll, (initial_nll, final_nll)

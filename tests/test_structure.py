@@ -9,7 +9,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "megatron_sdar"
-PURE = ("config", "masks", "noise", "positions", "batch", "loss", "compiled", "compat", "evaluation")
+PURE = (
+    "config",
+    "masks",
+    "noise",
+    "positions",
+    "batch",
+    "loss",
+    "compiled",
+    "compat",
+    "evaluation",
+    "schedule",
+)
 
 
 def modules() -> dict[str, Path]:

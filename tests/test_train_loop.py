@@ -168,6 +168,37 @@ def test_cpt_trains_checkpoints_and_resumes_exactly(corpus, tmp_path):
     assert any(not torch.equal(early[k], a[k]) for k in a if "decoder.layers" in k)
 
 
+def test_block_size_schedule_switches_mid_run_and_resumes_exactly(corpus, tmp_path):
+    """``--sdar-block-size-schedule 1:0,2:2,4:4``: the logged block size is 1, 2, 4 from the steps
+    after 0, 2 and 4 completed iterations (logged as 1, 3 and 5); a run resumed from iteration 4
+    trains at 4 with the figures of the uninterrupted run; a resume that changes the schedule stops."""
+    sdar = ["--sdar-mask-token-id", corpus["mask"], "--sdar-block-size", "4"]
+    base = [*MODEL, *LOOP, *corpus["data"], *sdar, "--train-iters", "6", "--save-interval", "4"]
+    straight = train([*base, "--sdar-block-size-schedule", "1:0,2:2,4:4", "--save", str(tmp_path / "a")])
+    resumed = train(
+        [*base, "--sdar-block-size-schedule", "1:0, 2:2, 4:4", "--load", str(tmp_path / "a"),
+         "--ckpt-step", "4", "--save", str(tmp_path / "b")]
+    )  # fmt: skip
+
+    whole = iterations(straight)
+    assert {it: float(v["block size"]) for it, v in whole.items()} == {1: 1, 2: 1, 3: 2, 4: 2, 5: 4, 6: 4}
+    assert all(0.0 < float(v["lm loss"]) < 20.0 for v in whole.values())  # finite, at every block size
+    assert "starts at iteration 0 with block size 1; validation and test use block size 4" in straight
+    assert "training starts at iteration 4 with block size 4" in resumed and "at iteration 4" in resumed
+    after = iterations(resumed)
+    assert sorted(after) == [5, 6] and float(after[6]["block size"]) == 4.0
+    logged = (*METRICS, "block size")
+    assert {k: after[5][k] for k in logged} == {k: whole[5][k] for k in logged}
+    assert validation(resumed, 5) == validation(straight, 5)
+    assert re.search(r"validation loss at iteration 5 \|.* block size value: 4\.0+E\+00 \|", straight)
+
+    changed = run_training([*base, "--sdar-block-size-schedule", "1:0,4:4", "--load", str(tmp_path / "a")])
+    assert changed.returncode == 2, (changed.stdout + changed.stderr)[-4000:]
+    recorded, given = "--sdar-block-size-schedule '1:0,2:2,4:4'", "--sdar-block-size-schedule '1:0,4:4'"
+    refusal = f"(iter_0000006): the checkpoint was trained with {recorded} but this run gives {given}"
+    assert refusal in changed.stderr
+
+
 def test_output_on_masked_positions_trains_like_the_whole_noised_half(corpus):
     """``--sdar-output-positions masked`` (the TP=1 default) and ``noised`` log the same figures."""
     sdar = ["--sdar-mask-token-id", corpus["mask"], "--sdar-block-size", "4"]

@@ -13,8 +13,11 @@ up to ``--text-windows`` windows. A JSONL file (``.jsonl``/``.json``, or a first
 ``{``) has one document per line (its ``text``); plain text is split into documents as
 ``tools/preprocess_data.py`` splits it: one per paragraph (blank-line separated) by default,
 ``--text-unit line`` or ``file`` otherwise. SDAR models report the diffusion loss bound (Eq. 7,
-fixed noise seed), AR models the next-token NLL. Prints a table and the text summary (documents,
-tokens, windows) and writes JSON; under ``torchrun`` every rank computes and rank 0 reports.
+fixed noise seed), AR models the next-token NLL; ``--text-metrics diffusion ar`` reports both (an
+SDAR model trained with ``--sdar-ar-loss-weight``: the NLL under a causal mask, which is how its
+clean half was trained; pass ``--clean-attention causal`` too, so that the bound and block decoding
+read clean keys computed as in training). Prints a table and the text summary (documents, tokens,
+windows) and writes JSON; under ``torchrun`` every rank computes and rank 0 reports.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from megatron_sdar import compat  # noqa: E402
 compat.ignore_known_warnings()  # the megatron-core / torch notices named there, nothing else
 
 from megatron_sdar.conversion.hf import DTYPES  # noqa: E402
+
+TEXT_METRICS = ("diffusion", "ar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-length", type=int, default=512, help="--text window length (the last is shorter)")
     p.add_argument("--text-windows", type=int, default=16, help="score at most this many --text windows")
     p.add_argument("--noise-samples", type=int, default=2, help="noise draws per window (diffusion bound)")
+    p.add_argument(
+        "--text-metrics", choices=TEXT_METRICS, nargs="+", default=None,
+        help="--text scores: diffusion (the Eq. 7 bound; needs the model's block size and mask token) "
+        "and/or ar (next-token NLL, causal mask); default: diffusion for --mode sdar, ar for --mode ar",
+    )  # fmt: skip
+    p.add_argument(
+        "--clean-attention", choices=("block_causal", "causal"), default="block_causal",
+        help="the clean half's attention in the diffusion bound and block decoding: causal for models "
+        "trained with --sdar-clean-attention causal (as --sdar-ar-loss-weight requires)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
@@ -180,8 +195,15 @@ def main(argv: list[str] | None = None) -> dict:
         problems = read_math_problems(args.math, args.limit) if args.math else []
     except (OSError, ValueError, TypeError) as err:
         raise SystemExit(f"error: {err}") from None
-    if args.mode == "sdar" and (sdar.get("block_size") is None or sdar.get("mask_token_id") is None):
-        raise SystemExit("error: the model records no SDAR block size / mask token id; use --mode ar")
+    metrics = args.text_metrics or (["ar"] if args.mode == "ar" else ["diffusion"])
+    diffusion_metric = bool(args.text) and "diffusion" in metrics
+    if (args.mode == "sdar" or diffusion_metric) and (
+        sdar.get("block_size") is None or sdar.get("mask_token_id") is None
+    ):
+        raise SystemExit(
+            "error: the model records no SDAR block size / mask token id; use --mode ar "
+            "(and --text-metrics ar)"
+        )
     eos = tokenizer.eos_token_id
     stops = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
     rows, report = [], {"model": args.hf_dir or args.load, "mode": args.mode}
@@ -208,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
                     result = generate_block_diffusion(
                         backend, chunk, block_size=block, mask_token_id=sdar["mask_token_id"],
                         max_new_tokens=args.max_new_tokens, strategy=strategy,
-                        stop_token_ids=stops, seed=args.seed,
+                        stop_token_ids=stops, seed=args.seed, clean_attention=args.clean_attention,
                     )  # fmt: skip
                 generated += result.generated
                 row_forwards += sum(result.row_forwards)
@@ -236,11 +258,19 @@ def main(argv: list[str] | None = None) -> dict:
         windows, report["text_input"] = text_windows(
             args.text, tokenizer, args.seq_length, args.text_windows, eod, args.text_unit
         )
-        if args.mode == "ar":
-            report["text"] = next_token_nll(backend, windows, eod)
-        else:
-            config = SDARConfig(block_size=sdar["block_size"], mask_token_id=sdar["mask_token_id"])
-            report["text"] = diffusion_bound(backend, windows, eod, config, args.seed, args.noise_samples)
+        scores = {}
+        if "diffusion" in metrics:
+            config = SDARConfig(
+                block_size=sdar["block_size"], mask_token_id=sdar["mask_token_id"],
+                clean_attention=args.clean_attention,
+            )  # fmt: skip
+            scores.update(diffusion_bound(backend, windows, eod, config, args.seed, args.noise_samples))
+        if "ar" in metrics:
+            nll = next_token_nll(backend, windows, eod)
+            if scores:  # beside the bound: its target count under its own name
+                nll["nll_tokens"] = nll.pop("tokens")
+            scores.update(nll)
+        report["text"] = scores
 
     if int(os.environ.get("RANK", "0")) != 0:  # tensor-parallel ranks all compute; rank 0 reports
         return report

@@ -28,9 +28,16 @@ def decode_segments(codes: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 class SFTWindowDataset(torch.utils.data.Dataset):
-    """Packed SFT windows of exactly ``seq_length`` tokens: ``tokens``, ``doc_ids``, ``eligible``."""
+    """Packed SFT windows of exactly ``seq_length`` tokens: ``tokens``, ``doc_ids``, ``eligible``.
 
-    def __init__(self, prefix: str, seq_length: int, pad_id: int) -> None:
+    ``padded_to``: the block size the examples must have been padded to a multiple of (the largest
+    of a block-size schedule); the first windows are checked when the dataset opens and every window
+    when it is read, so data preprocessed with a smaller ``--block-size`` is refused.
+    """
+
+    CHECKED_ON_OPEN = 16  # windows whose padding is checked when the dataset opens
+
+    def __init__(self, prefix: str, seq_length: int, pad_id: int, padded_to: int | None = None) -> None:
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         self.tokens = IndexedDataset(f"{prefix}_tokens")
@@ -48,6 +55,10 @@ class SFTWindowDataset(torch.utils.data.Dataset):
             )
         self.seq_length = seq_length
         self.pad_id = pad_id
+        self.prefix = prefix
+        self.padded_to = padded_to
+        for idx in range(min(len(self), self.CHECKED_ON_OPEN) if padded_to else 0):
+            self._check_padding(idx, np.asarray(self.segments[idx], dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -59,8 +70,23 @@ class SFTWindowDataset(torch.utils.data.Dataset):
             raise ValueError(
                 f"SFT window {idx}: tokens and segments differ in length; the dataset is corrupt"
             )
+        if self.padded_to:
+            self._check_padding(idx, codes)
         pad = self.seq_length - len(tokens)
         tokens = np.concatenate([tokens, np.full(pad, self.pad_id, dtype=np.int64)])
         codes = np.concatenate([codes, np.full(pad, PAD_SEGMENT, dtype=np.int64)])
         doc_ids, eligible = decode_segments(codes)
         return {"tokens": torch.from_numpy(tokens), "doc_ids": doc_ids, "eligible": eligible}
+
+    def _check_padding(self, idx: int, codes: np.ndarray) -> None:
+        """Every example of window ``idx`` spans a multiple of ``padded_to`` tokens."""
+        ordinals = codes // 2
+        starts = np.flatnonzero(np.diff(ordinals, prepend=-1))
+        lengths = np.diff(np.append(starts, len(ordinals)))
+        short = [int(n) for n, o in zip(lengths, ordinals[starts]) if o != PAD_SEGMENT and n % self.padded_to]
+        if short:
+            raise ValueError(
+                f"SFT window {idx} of {self.prefix} holds an example of {short[0]} tokens, not a multiple "
+                f"of {self.padded_to}, the largest block size of --sdar-block-size-schedule: preprocess the "
+                f"data with tools/preprocess_sft.py --block-size {self.padded_to}"
+            )

@@ -7,7 +7,8 @@ Composition, not patching:
 * :class:`SDARModel` subclasses ``GPTModel`` to compute RoPE from explicit position ids (the noised
   copy gets the clean copy's positions) and to run the output layer and the vocab-parallel
   cross-entropy on the noised half only, or only on its masked positions (``loss_index``), which is
-  all the loss needs."""
+  all the diffusion loss needs. With the joint AR loss (``ar_labels``) the output layer also runs on
+  the clean half, or on its positions with a next-token target (``ar_index``)."""
 
 from __future__ import annotations
 
@@ -24,9 +25,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_sdar.attention.cache import TensorKeyedCache
 from megatron_sdar.attention.core import SDARCoreAttention
 from megatron_sdar.config import SDARConfig
-from megatron_sdar.masks import LAYOUT_ROWS, layout_with_positions
+from megatron_sdar.masks import LAYOUT_ROWS, CleanAttention, layout_with_positions
 from megatron_sdar.model.base import RoPEInCoreModel
 from megatron_sdar.model.specs import sdar_layer_spec
+
+NOISED, CLEAN = 0, 1  # the halves of [x_t ; x_0]
 
 
 class SDARModel(RoPEInCoreModel):
@@ -38,6 +41,14 @@ class SDARModel(RoPEInCoreModel):
     Without labels it returns the noised half's logits ``[b, L, vocab / tp]``. ``loss_index`` runs
     the output layer on the selected positions only (:meth:`selected_output`); ``layout_host``, a CPU
     copy of the layout (the data loader's), spares what is planned on the host a device read.
+
+    ``ar_labels`` ``[b, L]`` (the joint AR + diffusion loss) are next-token targets for the clean
+    half: clean position ``i`` predicts ``ar_labels[:, i]`` (``x_0[i + 1]`` where that is a target,
+    :func:`~megatron_sdar.loss.next_token_targets`), and two columns, its cross-entropy and whether it
+    was right, follow the noised half's: ``[b, L, 4]``. ``ar_index`` (built like ``loss_index``, over
+    the clean positions) runs that output layer on the positions with a target only. This needs the
+    token-causal clean half (``clean_attention="causal"``): under the block-causal rule a clean token
+    sees the rest of its block, its own next token included, so the prediction would read its target.
     """
 
     core_attention_type = SDARCoreAttention
@@ -70,6 +81,8 @@ class SDARModel(RoPEInCoreModel):
         labels: torch.Tensor | None = None,
         loss_index: torch.Tensor | None = None,
         layout_host: torch.Tensor | None = None,
+        ar_labels: torch.Tensor | None = None,
+        ar_index: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         unsupported = {k for k, v in kwargs.items() if v is not None}
@@ -77,12 +90,32 @@ class SDARModel(RoPEInCoreModel):
             raise ValueError(f"SDARModel.forward does not take {sorted(unsupported)}")
         if loss_index is not None and labels is None:
             raise ValueError("loss_index selects where the loss is computed: pass labels with it")
+        if ar_labels is not None and labels is None:
+            raise ValueError("ar_labels add the next-token loss to the diffusion loss: pass labels too")
+        if ar_index is not None and ar_labels is None:
+            raise ValueError("ar_index selects where the next-token loss is computed: pass ar_labels with it")
+        if ar_labels is not None and self.sdar_config.clean_attention is not CleanAttention.CAUSAL:
+            raise ValueError(
+                "a next-token loss on the clean half needs token-causal clean attention "
+                f"(clean_attention='causal', --sdar-clean-attention causal), got "
+                f"{self.sdar_config.clean_attention.value!r}: block-causal attention lets a clean "
+                "token see the next token of its block, which is its target"
+            )
         hidden = self.decode(input_ids, position_ids, attention_mask, decoder_input, layout_host)
         if not self.post_process:
             return hidden
+        full = self._whole_sequence(hidden)
         if loss_index is not None:
-            return self.selected_output(hidden, labels, loss_index)
-        return self.noised_half_output(hidden, labels)
+            diffusion = self._selected_output(full, labels, loss_index, NOISED)
+        else:
+            diffusion = self._half_output(full, labels, NOISED)
+        if ar_labels is None:
+            return diffusion
+        if ar_index is not None:
+            ar = self._selected_output(full, ar_labels, ar_index, CLEAN)
+        else:
+            ar = self._half_output(full, ar_labels, CLEAN)
+        return torch.cat([diffusion, ar], dim=-1)
 
     def decode(
         self,
@@ -134,17 +167,7 @@ class SDARModel(RoPEInCoreModel):
         (sequence-parallel) output layer gathers that half again as usual. Gradients flow back through
         the split (the gathered copy's gradient is identical on every rank).
         """
-        if self.config.sequence_parallel:
-            full = self._gather_sequence(hidden)
-            noised = scatter_to_sequence_parallel_region(full[: full.shape[0] // 2], group=self.tp_group)
-        else:
-            noised = hidden[: hidden.shape[0] // 2]
-        logits, _ = self.output_layer(noised, weight=self._output_weight())  # [L, b, v/tp]
-        if labels is None:
-            return logits.transpose(0, 1).contiguous()
-        ce = self.compute_language_model_loss(labels, logits)  # [b, L]
-        correct = vocab_parallel_correct(logits.detach(), labels, self.tp_group)
-        return torch.stack([ce, correct.to(ce.dtype)], dim=-1)
+        return self._half_output(self._whole_sequence(hidden), labels, NOISED)
 
     def selected_output(
         self, hidden: torch.Tensor, labels: torch.Tensor, loss_index: torch.Tensor
@@ -159,6 +182,31 @@ class SDARModel(RoPEInCoreModel):
         host read); :func:`masked_loss_index` builds a valid one. Under sequence parallelism the
         ``n`` rows are padded to a multiple of the tensor-parallel size and split like the sequence.
         """
+        return self._selected_output(self._whole_sequence(hidden), labels, loss_index, NOISED)
+
+    def _whole_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[2L, b, h]`` on every rank: gathered once under sequence parallelism, so the noised and
+        the clean half's outputs share one gather."""
+        return self._gather_sequence(hidden) if self.config.sequence_parallel else hidden
+
+    def _half_output(self, full: torch.Tensor, labels: torch.Tensor | None, half: int) -> torch.Tensor:
+        """Output layer (and, with ``labels``, the loss) on one half of the whole sequence ``full``:
+        ``[b, L, 2]`` (CE, correct), or the logits ``[b, L, v/tp]`` without labels."""
+        seq = full.shape[0] // 2
+        part = full[half * seq : (half + 1) * seq]
+        if self.config.sequence_parallel:
+            part = scatter_to_sequence_parallel_region(part, group=self.tp_group)
+        logits, _ = self.output_layer(part, weight=self._output_weight())  # [L, b, v/tp]
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        ce = self.compute_language_model_loss(labels, logits)  # [b, L]
+        correct = vocab_parallel_correct(logits.detach(), labels, self.tp_group)
+        return torch.stack([ce, correct.to(ce.dtype)], dim=-1)
+
+    def _selected_output(
+        self, full: torch.Tensor, labels: torch.Tensor, loss_index: torch.Tensor, half: int
+    ) -> torch.Tensor:
+        """:meth:`selected_output` on one half of the whole sequence ``full``."""
         if loss_index.dim() != 1 or loss_index.dtype != torch.int64:
             raise ValueError(
                 f"loss_index must be a 1-D int64 tensor of positions in [batch x L], got "
@@ -171,9 +219,9 @@ class SDARModel(RoPEInCoreModel):
         index = (
             torch.cat([loss_index, loss_index.new_zeros(padded - count)]) if padded > count else loss_index
         )
-        full = self._gather_sequence(hidden) if self.config.sequence_parallel else hidden
-        noised = full[:seq].reshape(seq * batch, -1)  # [L x b, h]: position s of row r is s * b + r
-        rows = noised.index_select(0, (index % seq) * batch + index // seq).unsqueeze(1)  # [n', 1, h]
+        # [L x b, h]: position s of row r is s * b + r
+        part = full[half * seq : (half + 1) * seq].reshape(seq * batch, -1)
+        rows = part.index_select(0, (index % seq) * batch + index // seq).unsqueeze(1)  # [n', 1, h]
         if self.config.sequence_parallel:
             rows = scatter_to_sequence_parallel_region(rows, group=self.tp_group)
         logits, _ = self.output_layer(rows, weight=self._output_weight())  # [n', 1, v/tp]
@@ -197,8 +245,9 @@ class SDARModel(RoPEInCoreModel):
 
 def masked_loss_index(masked: torch.Tensor) -> torch.Tensor:
     """``loss_index`` for :meth:`SDARModel.selected_output`: the masked positions of ``masked``
-    ``[b, L]`` in row-major order. On the host (the data loader's CPU tensors) this costs no device
-    synchronisation; on a GPU tensor it reads the count back."""
+    ``[b, L]`` in row-major order (``ar_index`` likewise, from the positions with a next-token
+    target). On the host (the data loader's CPU tensors) this costs no device synchronisation; on a
+    GPU tensor it reads the count back."""
     return masked.reshape(-1).nonzero().squeeze(1)
 
 

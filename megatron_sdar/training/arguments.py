@@ -10,6 +10,7 @@ import os
 from megatron_sdar.config import ATTENTION_BACKENDS, DocumentMask, LossNormalizer, PositionIds, SDARConfig
 from megatron_sdar.masks import BlockCounting, CleanAttention
 from megatron_sdar.noise import EmptyRows, NoiseUnit
+from megatron_sdar.schedule import schedule_problems
 
 OBJECTIVES = ("sdar", "ar")
 
@@ -35,6 +36,16 @@ def add_sdar_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "from tools/preprocess_sft.py, response tokens eligible",
     )
     g.add_argument("--sdar-block-size", type=int, default=4, help="block size B; must divide --seq-length")
+    g.add_argument(
+        "--sdar-block-size-schedule",
+        default=None,
+        metavar="B:ITER,...",
+        help="block size by training iteration, piecewise constant, e.g. '1:0,4:2000,32:6000,8:9000' "
+        "(B=1 from iteration 0, 4 from 2000, ...; ITER counts completed iterations, so Megatron logs "
+        "the first step of B:N as iteration N+1). Starts at 0 and ends on --sdar-block-size (the "
+        "decoding block size, used for validation and test); every B divides --seq-length; SFT data "
+        "must be preprocessed with the largest B. Recorded in checkpoints: a resume must give the same",
+    )
     g.add_argument(
         "--sdar-mask-token-id",
         type=int,
@@ -74,6 +85,13 @@ def add_sdar_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "(attention across documents, blocks counted from the window start; noise still per "
         "document); CPT only",
     )
+    g.add_argument(
+        "--sdar-complementary-masks",
+        action="store_true",
+        help="every window appears twice in a micro-batch (consecutive rows), the second with the "
+        "complementary mask, so each eligible token is supervised exactly once per pair; needs an "
+        "even --micro-batch-size; data tokens/s counts each window once",
+    )
     g.add_argument("--sdar-loss-normalizer", choices=[n.value for n in LossNormalizer], default="eligible")
     g.add_argument(
         "--sdar-clean-attention", choices=[c.value for c in CleanAttention], default="block_causal"
@@ -109,6 +127,16 @@ def add_sdar_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "and gradients",
     )
     g.add_argument(
+        "--sdar-ar-loss-weight",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="add W times a next-token loss on the clean half x_0 to the diffusion loss (0 = off); "
+        "needs --sdar-clean-attention causal (block-causal would show each clean token its target); "
+        "logs 'diffusion loss' and 'ar loss' beside 'lm loss', their total; the output layer then also "
+        "runs on the clean half (on its positions with a target under --sdar-output-positions masked)",
+    )
+    g.add_argument(
         "--sdar-sft-pad-token-id",
         type=int,
         default=None,
@@ -138,13 +166,20 @@ def sdar_config_from_args(args: argparse.Namespace) -> SDARConfig:
         noise_range=tuple(getattr(args, "sdar_noise_range", (0.0, 1.0))),
         empty_rows=getattr(args, "sdar_empty_rows", "redraw"),
         document_mask=getattr(args, "sdar_document_mask", "separate"),
+        complementary_masks=bool(getattr(args, "sdar_complementary_masks", False)),
         loss_normalizer=args.sdar_loss_normalizer,
         clean_attention=args.sdar_clean_attention,
         block_counting=args.sdar_block_counting,
         position_ids=positions,
         attention_backend=args.sdar_attention_backend,
         flex_kernel_options=getattr(args, "sdar_flex_kernel_options", None),
+        ar_loss_weight=ar_loss_weight(args),
     )
+
+
+def ar_loss_weight(args: argparse.Namespace) -> float:
+    """``--sdar-ar-loss-weight``: the weight of the clean half's next-token loss (0 = off)."""
+    return float(getattr(args, "sdar_ar_loss_weight", 0.0) or 0.0)
 
 
 def output_on_masked(args: argparse.Namespace) -> bool:
@@ -350,6 +385,17 @@ def sdar_problems(args: argparse.Namespace, vocab_size: int | None = None, speci
         known_vocab = vocab_size if args.sdar_mask_token_id is not None else None
         config = sdar_config_from_args(args)
         problems += config.problems(args.seq_length, known_vocab, special_tokens)
+    if args.sdar_objective == "ar" and ar_loss_weight(args):
+        problems.append("--sdar-ar-loss-weight adds a next-token loss to the diffusion objective, and "
+                        "--sdar-objective ar trains that alone: drop the weight")  # fmt: skip
+    if getattr(args, "sdar_complementary_masks", False):
+        if args.micro_batch_size % 2:
+            problems.append(
+                f"--sdar-complementary-masks puts each window in a micro-batch twice: --micro-batch-size "
+                f"must be even, got {args.micro_batch_size}"
+            )
+        if getattr(args, "sdar_objective", "sdar") != "sdar":
+            problems.append("--sdar-complementary-masks applies to the SDAR objective only")
     if args.sdar_stage == "sft" and getattr(args, "sdar_document_mask", "separate") == "global":
         problems.append(
             "--sdar-document-mask global is the CPT mask; SFT examples must not see each other "
@@ -357,4 +403,5 @@ def sdar_problems(args: argparse.Namespace, vocab_size: int | None = None, speci
         )
     if args.sdar_stage == "sft" and getattr(args, "mock_data", False):
         problems.append("--mock-data only provides CPT windows; use --sdar-stage cpt")
+    problems += schedule_problems(args)
     return problems

@@ -4,11 +4,15 @@ into ready samples.
 Noise is drawn inside the dataset, from a generator seeded by ``(--seed, split, sample index)``.
 Every pipeline stage and tensor-parallel rank that sees a sample therefore draws the same noise, and
 a resumed run draws exactly what an uninterrupted run would have. Every rank builds the datasets and
-reads its own copy of each micro-batch (no broadcast; the TP ranks check once that they agree).
+reads its own copy of each micro-batch (no broadcast; the TP ranks check once that they agree). Under
+``--sdar-block-size-schedule`` the block size of a sample likewise follows from its index: that of the
+iteration consuming it for training, the final one for validation and test.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -17,6 +21,7 @@ import torch
 from megatron_sdar.batch import build_sdar_batch
 from megatron_sdar.config import SDARConfig
 from megatron_sdar.masks import document_ids_from_eod
+from megatron_sdar.schedule import BLOCK_SIZE_FIELD, FixedBlockSize, SampleBlockSizes, schedule_from_args
 from megatron_sdar.training.arguments import sdar_config_from_args
 
 SPLIT_SEED_OFFSETS = {"train": 0, "valid": 1, "test": 2}
@@ -24,27 +29,58 @@ SPLIT_SEED_OFFSETS = {"train": 0, "valid": 1, "test": 2}
 
 class SDARSampleDataset(torch.utils.data.Dataset):
     """Wraps a dataset of clean windows (``tokens``, ``doc_ids``, ``eligible``) and returns ready
-    SDAR samples, noised with a generator seeded by ``(seed, split, index)``."""
+    SDAR samples, noised with a generator seeded by ``(seed, split, index)``.
 
-    def __init__(self, base: Any, config: SDARConfig, seed: int, split: str) -> None:
+    ``block_size``, when given, maps a sample index to the block size to build it with (a
+    block-size schedule, see :mod:`megatron_sdar.schedule`) in place of ``config.block_size``; each
+    sample then also carries it as ``block_size``, which the training step reports.
+    """
+
+    def __init__(
+        self,
+        base: Any,
+        config: SDARConfig,
+        seed: int,
+        split: str,
+        block_size: Callable[[int], int] | None = None,
+    ) -> None:
         self.base = base
         self.config = config
         self.seed = seed
         self.split_offset = SPLIT_SEED_OFFSETS[split]
+        self.block_size = block_size
+        self._configs: dict[int, SDARConfig] = {}
+
+    def config_for(self, idx: int) -> SDARConfig:
+        """The settings sample ``idx`` is built with."""
+        if self.block_size is None:
+            return self.config
+        size = int(self.block_size(idx))
+        if size not in self._configs:
+            self._configs[size] = dataclasses.replace(self.config, block_size=size)
+        return self._configs[size]
 
     def __len__(self) -> int:
-        return len(self.base)
+        return len(self.base) * (2 if self.config.complementary_masks else 1)
 
     def noise_seed(self, idx: int) -> int:
         return (self.seed * 1_000_003 + self.split_offset * 998_244_353 + idx * 7_919 + 17) % (2**62)
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
-        sample = self.base[idx]
-        gen = torch.Generator().manual_seed(self.noise_seed(idx))
+        # With complementary masks, samples 2k and 2k + 1 (consecutive rows of one micro-batch: the
+        # micro-batch size is even) are window k, noised by its generator and then complemented.
+        window, second = divmod(idx, 2) if self.config.complementary_masks else (idx, 0)
+        sample = self.base[window]
+        gen = torch.Generator().manual_seed(self.noise_seed(window))
+        config = self.config_for(idx)
         batch = build_sdar_batch(
-            sample["tokens"][None], sample["doc_ids"][None], sample["eligible"][None], self.config, gen
-        )
-        return batch.sample(0)
+            sample["tokens"][None], sample["doc_ids"][None], sample["eligible"][None], config, gen,
+            complementary=bool(second),
+        )  # fmt: skip
+        out = batch.sample(0)
+        if self.block_size is not None:
+            out[BLOCK_SIZE_FIELD] = torch.tensor(config.block_size, dtype=torch.int32)
+        return out
 
 
 def clean_window(dataset: Any, idx: int) -> dict[str, torch.Tensor]:
@@ -115,6 +151,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
 
     args = get_args()
     sdar = sdar_config_from_args(args)
+    schedule = schedule_from_args(args)
     tokenizer = get_tokenizer()
     if args.sdar_stage == "sft":
         from megatron_sdar.data.sft_windows import SFTWindowDataset
@@ -124,11 +161,12 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
                 "--sdar-stage sft takes one --data-path prefix written by tools/preprocess_sft.py"
             )
         pad_id = args.sdar_sft_pad_token_id if args.sdar_sft_pad_token_id is not None else tokenizer.eod
-        windows = SFTWindowDataset(args.data_path[0], args.seq_length, pad_id)
+        padded_to = None if schedule is None else schedule.largest  # examples fit every block size
+        windows = SFTWindowDataset(args.data_path[0], args.seq_length, pad_id, padded_to)
         train = EpochDataset(windows, max(train_val_test_num_samples[0], 1), args.seed)
         datasets = [train, None, None]
         if args.valid_data_path:
-            valid = SFTWindowDataset(args.valid_data_path[0], args.seq_length, pad_id)
+            valid = SFTWindowDataset(args.valid_data_path[0], args.seq_length, pad_id, padded_to)
             datasets[1] = EpochDataset(valid, max(train_val_test_num_samples[1], 1), args.seed + 1)
     else:
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -156,8 +194,20 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
         datasets = BlendedMegatronDatasetBuilder(
             mock if args.mock_data else real, train_val_test_num_samples, lambda: True, gpt_config
         ).build()
+    sizes = dict.fromkeys(("train", "valid", "test"))
+    if schedule is not None:
+        # Training samples take the block size of the iteration that consumes them (Megatron's
+        # sequential sampler starts at the consumed-sample count of the loaded checkpoint); validation
+        # and test take the final one, which the model is decoded with.
+        start, consumed = getattr(args, "iteration", 0), getattr(args, "consumed_train_samples", 0)
+        sizes["train"] = SampleBlockSizes(schedule, args.global_batch_size, start, consumed)
+        sizes["valid"] = sizes["test"] = FixedBlockSize(schedule.final)
+        print_rank_0(
+            f"> block-size schedule: {schedule.describe()}; training starts at iteration {start} with "
+            f"block size {schedule.at(start)}; validation and test use block size {schedule.final}"
+        )
     return tuple(
-        None if ds is None else SDARSampleDataset(ds, sdar, args.seed, split)
+        None if ds is None else SDARSampleDataset(ds, sdar, args.seed, split, sizes[split])
         for ds, split in zip(datasets, ("train", "valid", "test"))
     )
 

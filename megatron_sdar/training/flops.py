@@ -9,7 +9,8 @@ Counted, for forward plus backward (3x the forward's matrix products):
   from the layout tensor for the SDAR mask (a causal mask over L tokens for AR), not over the full
   square the kernel may visit;
 * the output layer only where it runs (the noised half for SDAR, or its masked tokens when the
-  output layer runs on those only; every token for AR).
+  output layer runs on those only; with the joint AR loss also the clean half, or its positions with
+  a next-token target; every token for AR).
 
 Embedding lookups, norms, activations, softmax and the loss are left out (they are not matrix work).
 """
@@ -128,16 +129,19 @@ def sdar_step_flops(
     layout: torch.Tensor,
     clean_attention: CleanAttention | str,
     output_tokens: int | None = None,
+    ar_output_tokens: int = 0,
 ) -> int:
     """Forward+backward FLOPs of one SDAR micro-batch with this ``[b, 2, L]`` layout; the output
-    layer runs on ``output_tokens`` positions (default: the whole noised half, ``b x L``)."""
+    layer runs on ``output_tokens`` noised positions (default: the whole noised half, ``b x L``) and,
+    with the joint AR loss, on ``ar_output_tokens`` clean ones (``b x L``, or the number of
+    next-token targets when the output layer runs on those only)."""
     batch, _, seq_len = layout.shape
     if output_tokens is None:
         output_tokens = batch * seq_len
     forward = (
         2 * batch * seq_len * shape.body_flops_per_token()
         + sdar_attention_entries(layout, clean_attention) * shape.attention_flops_per_entry()
-        + output_tokens * shape.output_flops_per_token()
+        + (output_tokens + ar_output_tokens) * shape.output_flops_per_token()
     )
     return FORWARD_BACKWARD * forward
 

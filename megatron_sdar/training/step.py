@@ -17,8 +17,9 @@ import torch
 
 from megatron_sdar.attention.cache import tensor_key
 from megatron_sdar.batch import BATCH_FIELDS, BatchField, SDARBatch, check_batch_shapes
-from megatron_sdar.loss import sdar_loss
-from megatron_sdar.training.arguments import output_on_masked
+from megatron_sdar.loss import next_token_targets, sdar_loss
+from megatron_sdar.schedule import BLOCK_SIZE_FIELD, BLOCK_SIZE_KEY, block_size_report
+from megatron_sdar.training.arguments import ar_loss_weight, output_on_masked
 from megatron_sdar.training.throughput import REPORT_KEY, ThroughputMeter
 
 
@@ -113,11 +114,13 @@ class SDARBatchReader:
         micro_batch_size: int,
         seq_length: int,
         loss_index: bool = False,
+        ar_index: bool = False,
     ) -> dict[str, torch.Tensor]:
         """The next micro-batch on ``device``: every :class:`~megatron_sdar.batch.SDARBatch` field,
         ``layout_host`` (the loader's CPU copy of the layout, for what is planned on the host) and,
         with ``loss_index``, the masked positions for
-        :meth:`~megatron_sdar.model.SDARModel.selected_output`."""
+        :meth:`~megatron_sdar.model.SDARModel.selected_output`; with ``ar_index``, as
+        ``ar_loss_index``, the clean positions with a next-token target (the AR loss)."""
         if data_iterator is None:
             raise RuntimeError("this rank has no data iterator; the SDAR datasets are built on every rank")
         host = next(data_iterator)
@@ -132,6 +135,16 @@ class SDARBatchReader:
             if device.type == "cuda" and index.device.type == "cpu":
                 index = index.pin_memory()
             out["loss_index"] = index.to(device, non_blocking=True)
+        if ar_index:
+            from megatron_sdar.model.sdar import masked_loss_index
+
+            _, valid = next_token_targets(host["labels"], host["layout"], host["eligible"])
+            index = masked_loss_index(valid)
+            if device.type == "cuda" and index.device.type == "cpu":
+                index = index.pin_memory()
+            out["ar_loss_index"] = index.to(device, non_blocking=True)
+        if BLOCK_SIZE_FIELD in host:  # under a block-size schedule: each sample's block size, on the host
+            out[BLOCK_SIZE_FIELD] = host[BLOCK_SIZE_FIELD]
         if self._checked.first_time(data_iterator):
             check_tensor_parallel_agreement(out)
         return out
@@ -157,29 +170,49 @@ class SDARForwardStep:
         )
         timers("batch-generator", log_level=2).start()
         selected = args.sdar_objective == "sdar" and output_on_masked(args)
+        ar_weight = ar_loss_weight(args) if args.sdar_objective == "sdar" else 0.0
         data = self.reader.read(
-            data_iterator, device, args.micro_batch_size, args.seq_length, loss_index=selected
-        )
+            data_iterator, device, args.micro_batch_size, args.seq_length, loss_index=selected,
+            ar_index=selected and ar_weight > 0,
+        )  # fmt: skip
         timers("batch-generator").stop()
         batch = SDARBatch.from_mapping(data)
+        data_tokens = batch.labels.numel()
+        if args.sdar_objective == "sdar" and getattr(args, "sdar_complementary_masks", False):
+            data_tokens //= 2  # every window is in the micro-batch twice
         throughput = self.meter.report(
-            batch.labels.numel(), model.training, device, parallel_state.get_data_parallel_world_size()
+            data_tokens, model.training, device, parallel_state.get_data_parallel_world_size()
         )
         if args.sdar_objective == "ar":
             output, loss_fn = ar_forward(model, batch)
         else:
+            ar = {}  # the joint AR loss: next-token targets for the clean half
+            if ar_weight > 0:
+                ar["ar_labels"] = next_token_targets(batch.labels, batch.layout, batch.eligible)[0]
+                ar["ar_index"] = data.get("ar_loss_index")
             output = model(
                 batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels,
-                loss_index=data.get("loss_index"), layout_host=data.get("layout_host"),
+                loss_index=data.get("loss_index"), layout_host=data.get("layout_host"), **ar,
             )  # fmt: skip
-            loss_fn = partial(sdar_loss, batch=batch, normalizer=args.sdar_loss_normalizer)
-        return output, partial(_with_throughput, loss_fn, throughput)
+            loss_fn = partial(
+                sdar_loss, batch=batch, normalizer=args.sdar_loss_normalizer, ar_weight=ar_weight
+            )
+        reported = partial(_with_throughput, loss_fn, throughput)
+        if BLOCK_SIZE_FIELD in data:
+            reported = partial(_with_block_size, reported, block_size_report(data[BLOCK_SIZE_FIELD], device))
+        return output, reported
 
 
 def _with_throughput(loss_fn, throughput: torch.Tensor, output: torch.Tensor):
     """Add the ``data tokens/s`` pair to the loss function's report."""
     loss_sum, count, report = loss_fn(output)
     return loss_sum, count, {**report, REPORT_KEY: throughput}
+
+
+def _with_block_size(loss_fn, block_size: torch.Tensor, output: torch.Tensor):
+    """Add the ``block size`` pair (the samples' block sizes under a schedule) to the report."""
+    loss_sum, count, report = loss_fn(output)
+    return loss_sum, count, {**report, BLOCK_SIZE_KEY: block_size}
 
 
 def ar_forward(model, batch) -> tuple[torch.Tensor, Any]:
