@@ -353,3 +353,61 @@ def test_remote_generate_decodes_a_cut_last_block_as_the_library_does(export):
             assert abs(out.tokens_per_forward - mine.tokens_per_forward) < 1e-9
             longest = longest or mine.tokens
             assert mine.tokens == [t[:n] for t in longest], (job, n)
+
+
+def test_a_causal_clean_attention_export_decodes_and_scores_as_trained(export, tmp_path):
+    """A model trained with token-causal clean attention (e.g. with the joint AR loss) records it;
+    the remote model then builds its cache causally and its training layout matches the Megatron
+    model with that setting; the library decodes the same tokens."""
+    kind, _, ckpt, _ = export
+    if kind != "qwen3":
+        pytest.skip("one family is enough")
+    from transformers import AutoModelForCausalLM
+
+    from megatron_sdar.config import SDARConfig
+    from megatron_sdar.inference import HFBackend, generate_block_diffusion, load_hf_model
+    from megatron_sdar.masks import make_layout
+    from megatron_sdar.positions import sdar_position_ids
+    from tests.helpers import megatron_twin
+    from tools import convert_mcore_to_hf
+
+    causal_dir = tmp_path / "causal"
+    convert_mcore_to_hf.main(["--load", str(ckpt), "--save", str(causal_dir), "--clean-attention", "causal"])
+    config = json.loads((causal_dir / "config.json").read_text())
+    assert config["clean_attention"] == "causal"
+    remote = AutoModelForCausalLM.from_pretrained(
+        causal_dir, trust_remote_code=True, dtype=torch.float32
+    ).eval()
+    hf, fields = load_hf_model(str(causal_dir))
+    assert fields["clean_attention"] == "causal"
+    mask_id = config["mask_token_id"]
+    req = _request(kind, causal_dir, mask_id, config["vocab_size"], PROMPTS)
+    layout = req["layout"]
+    twin = megatron_twin(hf, SDARConfig(block_size=BLOCK, mask_token_id=mask_id, clean_attention="causal"))
+    doc_ids = layout["document_ids"]
+    with torch.no_grad():
+        expected = twin(
+            layout["tokens"], sdar_position_ids(doc_ids, True), make_layout(doc_ids, BLOCK, "document")
+        )
+        got = remote(input_ids=layout["tokens"], training_layout=True, document_ids=doc_ids).logits
+    assert (got - expected[..., : got.shape[-1]]).abs().max().item() <= 1e-4
+    remote.config.clean_attention = "block_causal"  # the setting matters: block-causal keys differ
+    with torch.no_grad():
+        other = remote(input_ids=layout["tokens"], training_layout=True, document_ids=doc_ids).logits
+    assert (other - got).abs().max().item() > 1e-3
+    remote.config.clean_attention = "causal"
+    width = max(len(p) for p in PROMPTS)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
+    keep = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    stops = (config["eos_token_id"],)
+    for job in JOBS[:3]:
+        out = remote.generate(ids, attention_mask=keep, max_new_tokens=10, **job)
+        mine = []
+        for row in out[:, width:].tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+            mine.append(row[:cut])
+        library = generate_block_diffusion(
+            HFBackend(hf), PROMPTS, block_size=BLOCK, mask_token_id=mask_id, max_new_tokens=10,
+            stop_token_ids=stops, clean_attention="causal", **_library_kwargs(job),
+        )  # fmt: skip
+        assert mine == library.tokens, job

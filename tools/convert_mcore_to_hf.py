@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--block-size", type=int, default=None, help="SDAR block size (overrides the recorded one)"
     )
+    p.add_argument(
+        "--clean-attention",
+        choices=["block_causal", "causal"],
+        default=None,
+        help="how the clean half attends to itself (default: what the checkpoint was trained with; "
+        "causal for models trained with --sdar-clean-attention causal, e.g. the joint AR loss)",
+    )
     p.add_argument("--mask-token-id", type=int, default=None, help="overrides the recorded mask token id")
     p.add_argument("--max-shard-size-mb", type=int, default=2048)
     p.add_argument("--overwrite", action="store_true")
@@ -108,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{arch.vocab_size}-row vocabulary"
         )
     arch.block_size = args.block_size or arch.block_size
+    arch.clean_attention = args.clean_attention or arch.clean_attention
     arch.mask_token_id = args.mask_token_id if args.mask_token_id is not None else arch.mask_token_id
     tokenizer_dir = args.tokenizer_dir or os.path.join(args.load, "tokenizer")
     if not os.path.isdir(tokenizer_dir) and saved is not None:

@@ -52,7 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=0.9, help="confidence threshold (low_confidence_dynamic)")
     p.add_argument("--min-per-step", type=int, default=1, help="(low_confidence_dynamic)")
     p.add_argument("--entropy-bound", type=float, default=0.5, help="(entropy_bounded)")
-    p.add_argument("--clean-attention", choices=("block_causal", "causal"), default="block_causal")
+    p.add_argument(
+        "--clean-attention",
+        choices=("block_causal", "causal"),
+        default=None,
+        help="how committed blocks attend to themselves (default: what the model records, else block_causal)",
+    )
     p.add_argument("--no-fold-commit", action="store_true", help="write each block's cache with its own pass")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -165,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
             result = generate_block_diffusion(
                 backend, prompts, block_size=block, mask_token_id=mask, max_new_tokens=args.max_new_tokens,
                 strategy=strategy, sampling=sampling, stop_token_ids=stops, seed=args.seed,
-                fold_commit=not args.no_fold_commit, clean_attention=args.clean_attention,
+                fold_commit=not args.no_fold_commit,
+                clean_attention=args.clean_attention or sdar.get("clean_attention") or "block_causal",
             )  # fmt: skip
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None

@@ -26,6 +26,7 @@ class Architecture:
     max_position_embeddings: int
     mask_token_id: int | None = None
     block_size: int | None = None
+    clean_attention: str = "block_causal"  # how the clean half attends to itself (block_causal / causal)
     # mixture of experts (Qwen3-MoE): every layer's MLP is a routed MoE without shared experts
     num_experts: int = 0
     moe_ffn_hidden_size: int = 0
@@ -172,6 +173,7 @@ def architecture_from_megatron_args(args: Any, vocab_size: int | None = None) ->
         max_position_embeddings=int(args.max_position_embeddings),
         mask_token_id=getattr(args, "sdar_mask_token_id", None),
         block_size=getattr(args, "sdar_block_size", None),
+        clean_attention=str(getattr(args, "sdar_clean_attention", None) or "block_causal"),
         num_experts=experts,
         moe_ffn_hidden_size=int(getattr(args, "moe_ffn_hidden_size", None) or 0) if experts else 0,
         moe_router_topk=int(getattr(args, "moe_router_topk", 0) or 0) if experts else 0,

@@ -114,6 +114,9 @@ def read_architecture(
     if mask is not None and not (isinstance(mask, int) and 0 <= mask < vocab):
         problems.append(f"mask_token_id {mask!r} is not a row of the {vocab}-row embedding (vocab_size)")
     block = cfg.get("block_size")
+    clean = cfg.get("clean_attention", "block_causal")
+    if clean not in ("block_causal", "causal"):
+        problems.append(f"clean_attention {clean!r} is neither block_causal nor causal")
     if block is not None and not (isinstance(block, int) and block > 0):
         problems.append(f"block_size {block!r} is not a positive integer")
     if problems:
@@ -139,6 +142,7 @@ def read_architecture(
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         mask_token_id=mask,
         block_size=block,
+        clean_attention=clean,
         num_experts=int(cfg["num_experts"]) if moe else 0,
         moe_ffn_hidden_size=int(cfg["moe_intermediate_size"]) if moe else 0,
         moe_router_topk=int(cfg["num_experts_per_tok"]) if moe else 0,

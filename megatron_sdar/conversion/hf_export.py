@@ -134,6 +134,7 @@ def hf_config(arch: Architecture, fmt: str, dtype: str, special: dict[str, int] 
             base_model_type=base_type,
             block_size=arch.block_size,
             mask_token_id=arch.mask_token_id,
+            clean_attention=arch.clean_attention,
             qk_norm=arch.qk_layernorm,
             attn_implementation="sdpa",
             fuse_cross_entropy=True,

@@ -23,7 +23,7 @@ BASE_CLASSES = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
 }
-SDAR_FIELDS = ("block_size", "mask_token_id", "base_model_type")
+SDAR_FIELDS = ("block_size", "mask_token_id", "base_model_type", "clean_attention")
 # SDAR model types -> their base architecture (released SDAR configs do not name it)
 SDAR_BASES = {"sdar": "qwen3", "sdar_moe": "qwen3_moe"}
 # config.json fields of an SDAR export that the base architecture's config does not take

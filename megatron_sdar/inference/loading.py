@@ -144,7 +144,11 @@ def load_backend(
         raise ValueError("pass exactly one of an HF folder and a Megatron checkpoint")
     if load is not None:
         model, arch, tokenizer_dir = load_megatron_model(load, iteration, device, dtype)
-        sdar = {"block_size": arch.block_size, "mask_token_id": arch.mask_token_id}
+        sdar = {
+            "block_size": arch.block_size,
+            "mask_token_id": arch.mask_token_id,
+            "clean_attention": arch.clean_attention,
+        }
         return MegatronBackend(model, arch.vocab_size), sdar, tokenizer_dir
     model, sdar = load_hf_model(hf_dir, dtype, device)
     return HFBackend(model), sdar, hf_dir

@@ -3,7 +3,10 @@
 The architecture fields carry Qwen3's names and meanings, so tools that read Qwen3 configs read
 these too. The SDAR fields are ``block_size`` (tokens denoised in parallel; blocks are counted from
 each sequence's first token) and ``mask_token_id`` (the id that stands for a token still to be
-decoded). ``qk_norm`` is false only for models converted from Llama, which lack QK-norm.
+decoded). ``clean_attention`` says how finished (clean) tokens attend to each other:
+``block_causal`` (a token sees its whole block; the SDAR paper) or ``causal`` (token-causal; models
+trained with that variant, e.g. with a joint next-token loss). ``qk_norm`` is false only for models
+converted from Llama, which lack QK-norm.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class SDARConfig(PretrainedConfig):
         block_size: int = 4,
         mask_token_id: int = 151669,
         fuse_cross_entropy: bool = True,
+        clean_attention: str = "block_causal",
         **kwargs,
     ) -> None:
         self.vocab_size = vocab_size
@@ -67,4 +71,7 @@ class SDARConfig(PretrainedConfig):
         self.block_size = block_size
         self.mask_token_id = mask_token_id
         self.fuse_cross_entropy = fuse_cross_entropy
+        if clean_attention not in ("block_causal", "causal"):
+            raise ValueError(f"clean_attention must be block_causal or causal, got {clean_attention!r}")
+        self.clean_attention = clean_attention
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -3,10 +3,12 @@
 SDAR keeps autoregression across blocks of ``block_size`` tokens and denoises the tokens inside a
 block in parallel. Blocks are counted from each sequence's first real token. Three ways to call it:
 
-* ``model(input_ids)``: block-causal attention (a token sees its own block and every earlier one).
-  With ``past_key_values`` (an :class:`SDARCache`) the new tokens also see the cached ones;
-  ``store_kv`` says how many of the new tokens to append to the cache (``True``: all; a denoising
-  forward stores none). ``use_cache=True`` without a cache starts one and stores everything.
+* ``model(input_ids)``: block-causal attention (a token sees its own block and every earlier one;
+  token-causal for a model whose config says ``clean_attention: causal``, except for the last
+  ``denoising`` new tokens, the block being denoised, which see their whole block). With
+  ``past_key_values`` (an :class:`SDARCache`) the new tokens also see the cached ones; ``store_kv``
+  says how many of the new tokens to append to the cache (``True``: all; a denoising forward stores
+  none). ``use_cache=True`` without a cache starts one and stores everything.
 * ``model(input_ids=torch.cat([x_t, x_0], -1), training_layout=True, labels=..., loss_weights=...)``:
   the training sequence (noised copy, then clean copy) under the SDAR training mask. Logits cover
   the noised half only (it predicts ``x_0`` at the same positions); with ``labels`` (``-100`` where
@@ -191,12 +193,23 @@ class SDARDecoderLayer(nn.Module):
 
 
 def block_causal_mask(
-    query_positions: torch.Tensor, key_positions: torch.Tensor, key_valid: torch.Tensor, block_size: int
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    key_valid: torch.Tensor,
+    block_size: int,
+    causal: bool = False,
+    denoising: int = 0,
 ) -> torch.Tensor:
     """``[b, 1, n, S + n]``: a query sees real keys of its own and earlier blocks (the last ``n`` keys
-    are the queries themselves; each sees itself so padded queries stay finite)."""
+    are the queries themselves; each sees itself so padded queries stay finite). With ``causal``, the
+    clean queries (all but the last ``denoising``, the block being denoised) see only keys at or
+    before their own position; the block being denoised always sees its whole block."""
     n = query_positions.shape[1]
     allowed = (key_positions // block_size)[:, None, :] <= (query_positions // block_size)[:, :, None]
+    if causal:
+        token_causal = key_positions[:, None, :] <= query_positions[:, :, None]
+        clean = (torch.arange(n, device=allowed.device) < n - denoising)[None, :, None]
+        allowed = torch.where(clean, token_causal, allowed)
     allowed = allowed & key_valid[:, None, :]
     eye = torch.eye(n, dtype=torch.bool, device=allowed.device)
     allowed[:, :, -n:] |= eye
@@ -211,10 +224,10 @@ def positions_in_document(document_ids: torch.Tensor) -> torch.Tensor:
     return idx - torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
 
 
-def training_mask(document_ids: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+def training_mask(document_ids: torch.Tensor, blocks: torch.Tensor, causal: bool = False) -> torch.Tensor:
     """``[b, 1, 2L, 2L]`` SDAR training mask over ``[x_t ; x_0]``: never across documents; noised
     sees its own block (both ways) and earlier clean blocks; clean sees its own and earlier clean
-    blocks; clean never sees noised."""
+    blocks (``causal``: only clean tokens at or before itself); clean never sees noised."""
     b, length = document_ids.shape
     doc = torch.cat([document_ids, document_ids], dim=1)
     blk = torch.cat([blocks, blocks], dim=1)
@@ -224,7 +237,11 @@ def training_mask(document_ids: torch.Tensor, blocks: torch.Tensor) -> torch.Ten
     same_doc = doc[:, :, None] == doc[:, None, :]
     noised_noised = ~qc & ~kc & (qb == kb)
     noised_clean = ~qc & kc & (kb < qb)
-    clean_clean = qc & kc & (kb <= qb)
+    if causal:
+        idx = torch.arange(length, device=doc.device).repeat(2)
+        clean_clean = qc & kc & (idx[None, :] <= idx[:, None])
+    else:
+        clean_clean = qc & kc & (kb <= qb)
     return (same_doc & (noised_noised | noised_clean | clean_clean))[:, None]
 
 
@@ -279,6 +296,7 @@ class SDARModel(SDARPreTrainedModel):
         store_kv: bool | int | None = None,
         training_layout: bool = False,
         document_ids: torch.Tensor | None = None,
+        denoising: int = 0,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -288,6 +306,9 @@ class SDARModel(SDARPreTrainedModel):
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, n = hidden.shape[:2]
         block = self.config.block_size
+        causal = getattr(self.config, "clean_attention", "block_causal") == "causal"
+        if not 0 <= denoising <= n:
+            raise ValueError(f"denoising={denoising}: at most the {n} new tokens can be denoised")
         cache, store = None, 0
         if training_layout:
             if past_key_values is not None or use_cache:
@@ -302,7 +323,7 @@ class SDARModel(SDARPreTrainedModel):
                 doc = torch.where(attention_mask[:, -length:].bool(), doc, torch.full_like(doc, -1))
             in_doc = positions_in_document(doc)
             positions = in_doc if position_ids is None else position_ids[:, -length:]
-            mask = training_mask(doc, in_doc // block)
+            mask = training_mask(doc, in_doc // block, causal)
             positions = torch.cat([positions, positions], dim=1)
         else:
             if use_cache and past_key_values is None:
@@ -326,7 +347,7 @@ class SDARModel(SDARPreTrainedModel):
             if cache is not None and cache.valid is not None:
                 key_positions = torch.cat([cache.positions, positions], dim=1)
                 key_valid = torch.cat([cache.valid, valid], dim=1)
-            mask = block_causal_mask(positions, key_positions, key_valid, block)
+            mask = block_causal_mask(positions, key_positions, key_valid, block, causal, denoising)
         cos, sin = rotary_tables(
             positions, self.layers[0].self_attn.head_dim, self.config.rope_theta, hidden.dtype
         )
@@ -396,6 +417,7 @@ class SDARForCausalLM(SDARPreTrainedModel, GenerationMixin):
         document_ids: torch.Tensor | None = None,
         loss_weights: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        denoising: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         if past_key_values is None:
@@ -404,6 +426,7 @@ class SDARForCausalLM(SDARPreTrainedModel, GenerationMixin):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             store_kv=store_kv, training_layout=training_layout, document_ids=document_ids,
+            denoising=denoising,
         )  # fmt: skip
         hidden = out.last_hidden_state
         if training_layout:  # only the noised half predicts anything
@@ -589,11 +612,12 @@ class SDARForCausalLM(SDARPreTrainedModel, GenerationMixin):
                     logits = self(
                         torch.cat([pending[0], tokens], 1), attention_mask=torch.cat([pending[2], valid], 1),
                         position_ids=torch.cat([pending[1], pos], 1), past_key_values=cache, store_kv=B,
+                        denoising=B,
                     ).logits[:, B:]  # fmt: skip
                     pending = None
                 else:
                     logits = self(tokens, attention_mask=valid, position_ids=pos, past_key_values=cache,
-                                  store_kv=0).logits  # fmt: skip
+                                  store_kv=0, denoising=B).logits  # fmt: skip
                 counts["denoise"] += 1
                 counts["row_forwards"] += int((masked & returned).any(-1).sum())
                 logits = logits.float()
