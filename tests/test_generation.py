@@ -301,3 +301,16 @@ def test_generate_from_megatron_at_tp2(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads((tmp_path / "tp2.json").read_text())["tokens"] == single["tokens"]
+
+
+def test_generate_refuses_a_tokenizer_folder_without_tokenizer_files(tmp_path):
+    """transformers builds a one-token placeholder from a model's config.json alone; the tool says
+    the folder holds no tokenizer instead of decoding empty prompts."""
+    from tools import generate as generate_tool
+
+    _, export, _ = sdar_export(tmp_path)
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    (weights_only / "config.json").write_text((export / "config.json").read_text())
+    with pytest.raises(SystemExit, match="holds no tokenizer files"):
+        generate_tool.main(["--hf-dir", str(export), "--tokenizer", str(weights_only), "--prompt", "hi"])

@@ -166,10 +166,9 @@ def describe_text(info: dict, limit: int) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     import torch
-    from transformers import AutoTokenizer
 
     from megatron_sdar.config import SDARConfig
-    from megatron_sdar.data.tokenizer import has_tokenizer_files
+    from megatron_sdar.data.tokenizer import load_hf_tokenizer
     from megatron_sdar.evaluation import diffusion_bound, extract_answer, next_token_nll, read_math_problems
     from megatron_sdar.inference import StrategyConfig, generate_ar, generate_block_diffusion
     from megatron_sdar.inference.loading import load_backend
@@ -185,13 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")])
     try:
         backend, sdar, tokenizer_dir = load_backend(args.hf_dir, args.load, args.iteration, device, dtype)
-        # an SDAR export names remote code in config.json (auto_map); the tokenizer needs none, and
-        # without trust_remote_code=False transformers would stop to ask whether to run it
-        if not has_tokenizer_files(args.tokenizer or tokenizer_dir):
-            raise ValueError(f"{args.tokenizer or tokenizer_dir} holds no tokenizer files; pass --tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(
-            args.tokenizer or tokenizer_dir, local_files_only=True, trust_remote_code=False
-        )
+        tokenizer = load_hf_tokenizer(args.tokenizer or tokenizer_dir)
         problems = read_math_problems(args.math, args.limit) if args.math else []
     except (OSError, ValueError, TypeError) as err:
         raise SystemExit(f"error: {err}") from None

@@ -118,9 +118,8 @@ def stop_ids(tokenizer, values: list[str] | None) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     import torch
-    from transformers import AutoTokenizer
 
-    from megatron_sdar.data.tokenizer import has_tokenizer_files
+    from megatron_sdar.data.tokenizer import load_hf_tokenizer
     from megatron_sdar.inference import SamplingConfig, StrategyConfig, generate_ar, generate_block_diffusion
     from megatron_sdar.inference.loading import load_backend
 
@@ -134,13 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer_dir = args.tokenizer or tokenizer_dir
         if tokenizer_dir is None:
             raise ValueError(f"no tokenizer found with {args.load}; pass --tokenizer")
-        # an SDAR export names remote code in config.json (auto_map); the tokenizer needs none, and
-        # without trust_remote_code=False transformers would stop to ask whether to run it
-        if not has_tokenizer_files(tokenizer_dir):
-            raise ValueError(f"{tokenizer_dir} holds no tokenizer files; pass --tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(
-            tokenizer_dir, local_files_only=True, trust_remote_code=False
-        )
+        tokenizer = load_hf_tokenizer(tokenizer_dir)
     except (OSError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     texts = read_prompts(args)

@@ -57,13 +57,12 @@ def _load_tokenizer(folder: str) -> Any | None:
     """The folder's tokenizer, or None. An export's config.json (model type ``sdar``) is unknown to
     transformers, which says so while looking for the tokenizer class: that notice, and its
     ``rope_scaling`` deprecation for the same config, are about the model, not the tokenizer."""
-    from megatron_sdar.data.tokenizer import has_tokenizer_files
+    from megatron_sdar.data.tokenizer import has_tokenizer_files, load_hf_tokenizer
 
     if not has_tokenizer_files(folder):
         return None
     try:
         import transformers
-        from transformers import AutoTokenizer
     except ImportError:
         return None
     verbosity = transformers.logging.get_verbosity()
@@ -71,9 +70,8 @@ def _load_tokenizer(folder: str) -> Any | None:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="`rope_scaling` is deprecated", category=FutureWarning)
-            # never the folder's remote code: an export's config.json points at the model's
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    except Exception:  # no tokenizer files, or files this transformers cannot read
+            tokenizer = load_hf_tokenizer(folder)
+    except Exception:  # files this transformers cannot read
         return None
     finally:
         transformers.logging.set_verbosity(verbosity)

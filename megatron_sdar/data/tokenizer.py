@@ -79,19 +79,24 @@ def load_tokenizer(path: str, eod_token: str | None = None, kind: str | None = N
     raise ValueError(f"cannot tell the tokenizer type of {path!r}: expected a directory or a .model file")
 
 
-def _load_hf(path: str, eod_token: str | None) -> LocalTokenizer:
+def load_hf_tokenizer(folder: str):
+    """A HF tokenizer from a local folder: refuses a folder without tokenizer files (transformers
+    would build a placeholder from config.json) and never runs the folder's remote code (an SDAR
+    export names its model's in config.json; a tokenizer needs none)."""
     try:
         from transformers import AutoTokenizer
     except ImportError as err:  # pragma: no cover - depends on the install
         raise ImportError("HF tokenizers need `transformers`: pip install -e '.[hf]'") from err
-    if not has_tokenizer_files(path):
-        raise ValueError(f"{path} holds no tokenizer (none of {', '.join(VOCABULARY_FILES)})")
-    # an SDAR export names remote code in its config.json; a tokenizer never needs it
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    if len(tok) == 0:  # transformers returns an empty tokenizer for a folder without tokenizer files
+    if not has_tokenizer_files(folder):
         raise ValueError(
-            f"{path} holds no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, ...)"
+            f"{folder} holds no tokenizer files (none of {', '.join(VOCABULARY_FILES)}); "
+            "pass a folder that has them"
         )
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+
+
+def _load_hf(path: str, eod_token: str | None) -> LocalTokenizer:
+    tok = load_hf_tokenizer(path)
     if eod_token is not None:
         eod_id = tok.convert_tokens_to_ids(eod_token)
         if eod_id is None or eod_id == tok.unk_token_id:
