@@ -230,14 +230,19 @@ def run(args) -> int:
     dp_group = parallel_state.get_data_parallel_group()
     batches = make_batches(sdar)[dp_rank::dp_size]
 
+    micro = iter(range(10**6))  # micro-batch counter: each one's embedding noise has its own seed
+
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
+        index = next(micro)
         # the reference always runs the output layer on the whole noised half
         selected = args.masked_output and args.phase == "par"
         ar = {}  # the joint AR loss: next-token targets of the clean half (on them only when selected)
         if args.ar_loss_weight:
             targets, valid = next_token_targets(batch.labels, batch.layout, batch.eligible)
             ar = {"ar_labels": targets, "ar_index": masked_loss_index(valid) if selected else None}
+        if args.embedding_noise:  # the same seed for a micro-batch on every rank (as in training)
+            ar["mask_embedding_noise"] = (args.embedding_noise, 1000 * dp_rank + index)
         output = model(
             batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels,
             loss_index=masked_loss_index(batch.masked) if selected else None, **ar,
@@ -335,6 +340,9 @@ def main() -> None:
     parser.add_argument("--clean-attention", default="block_causal")
     parser.add_argument("--loss-normalizer", default="eligible")
     parser.add_argument("--ar-loss-weight", type=float, default=0.0, help="joint AR loss (causal clean half)")
+    parser.add_argument(
+        "--embedding-noise", type=float, default=0.0, help="std of the mask-embedding noise (0 = off)"
+    )
     parser.add_argument(
         "--masked-output", action="store_true", help="output layer on masked positions only (par phase)"
     )

@@ -73,6 +73,8 @@ CASES = {
     "moe-tp2-sp-etp2": (2, 1, ["--moe", "--sp", "--etp", "2"]),
     # the output layer on the masked positions only (the index padded and split over TP ranks)
     "tp2-sequence-parallel-tied-masked-output": (2, 1, ["--sp", "--tied", "--masked-output"]),
+    # noise on the mask token's embedding, drawn for the whole sequence and sliced per SP rank
+    "tp2-sequence-parallel-embedding-noise": (2, 1, ["--sp", "--embedding-noise", "0.5"]),
     "pp2": (1, 2, []),
     "pp2-masked-output": (1, 2, ["--masked-output"]),
     "pp2-virtual-stages": (1, 2, ["--vpp", "2"]),

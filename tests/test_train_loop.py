@@ -502,3 +502,23 @@ def test_wandb_offline_run_gets_the_same_metrics(logged_run):
     for key in LOGGED:
         assert history[3][key] == pytest.approx(float(printed[3][key]), rel=1e-5, abs=1e-9), key
     assert LOGGED <= set(history[1]) and {f"{key} validation" for key in LOGGED} <= set(history[3])
+
+
+def test_mask_embedding_noise_changes_the_first_steps_and_resumes_exactly(corpus, tmp_path):
+    """``--sdar-mask-embedding-noise-std 1 --sdar-mask-embedding-noise-iters 3`` in Megatron's loop:
+    the first step's loss differs from the run without it, and a run resumed from iteration 2 (noise
+    still on for its first step) logs and validates what the uninterrupted run did."""
+    sdar = ["--sdar-mask-token-id", corpus["mask"], "--sdar-block-size", "4"]
+    base = [*MODEL, *LOOP, *corpus["data"], *sdar, "--train-iters", "4", "--save-interval", "2",
+            "--eval-interval", "4"]  # fmt: skip
+    noise = ["--sdar-mask-embedding-noise-std", "1.0", "--sdar-mask-embedding-noise-iters", "3"]
+    plain = iterations(train([*base, "--eval-iters", "0", "--train-iters", "3"]))
+    straight = train([*base, *noise, "--save", str(tmp_path / "a")])
+    resumed = train(
+        [*base, *noise, "--load", str(tmp_path / "a"), "--ckpt-step", "2", "--save", str(tmp_path / "b")]
+    )
+    whole, after = iterations(straight), iterations(resumed)
+    assert whole[1]["lm loss"] != plain[1]["lm loss"]
+    assert sorted(after) == [3, 4]
+    assert {k: after[3][k] for k in METRICS} == {k: whole[3][k] for k in METRICS}
+    assert validation(resumed, 4) == validation(straight, 4)

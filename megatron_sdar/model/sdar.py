@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_sdar.attention.cache import TensorKeyedCache
 from megatron_sdar.attention.core import SDARCoreAttention
 from megatron_sdar.config import SDARConfig
+from megatron_sdar.embedding_noise import add_mask_embedding_noise
 from megatron_sdar.masks import LAYOUT_ROWS, CleanAttention, layout_with_positions
 from megatron_sdar.model.base import RoPEInCoreModel
 from megatron_sdar.model.specs import sdar_layer_spec
@@ -83,6 +84,7 @@ class SDARModel(RoPEInCoreModel):
         layout_host: torch.Tensor | None = None,
         ar_labels: torch.Tensor | None = None,
         ar_index: torch.Tensor | None = None,
+        mask_embedding_noise: tuple[float, int] | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         unsupported = {k for k, v in kwargs.items() if v is not None}
@@ -101,7 +103,9 @@ class SDARModel(RoPEInCoreModel):
                 f"{self.sdar_config.clean_attention.value!r}: block-causal attention lets a clean "
                 "token see the next token of its block, which is its target"
             )
-        hidden = self.decode(input_ids, position_ids, attention_mask, decoder_input, layout_host)
+        hidden = self.decode(
+            input_ids, position_ids, attention_mask, decoder_input, layout_host, mask_embedding_noise
+        )
         if not self.post_process:
             return hidden
         full = self._whole_sequence(hidden)
@@ -124,11 +128,25 @@ class SDARModel(RoPEInCoreModel):
         layout: torch.Tensor,
         decoder_input: torch.Tensor | None = None,
         layout_host: torch.Tensor | None = None,
+        mask_embedding_noise: tuple[float, int] | None = None,
     ) -> torch.Tensor:
         """This stage's decoder output ``[2L, b, h]`` over the whole ``[x_t ; x_0]`` sequence (the
-        last stage's includes the final norm); checks read the clean half ``[L:]`` from it."""
+        last stage's includes the final norm); checks read the clean half ``[L:]`` from it.
+
+        ``mask_embedding_noise`` ``(std, seed)``: in training, Gaussian noise on the embedding output
+        at the mask token's positions (:mod:`megatron_sdar.embedding_noise`); the first stage only."""
         if decoder_input is None and self.pre_process:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=None)
+            if mask_embedding_noise is not None and self.training:
+                std, seed = mask_embedding_noise
+                shard = (
+                    (parallel_state.get_tensor_model_parallel_rank(), self.config.tensor_model_parallel_size)
+                    if self.config.sequence_parallel
+                    else (0, 1)
+                )
+                decoder_input = add_mask_embedding_noise(
+                    decoder_input, input_ids, self.sdar_config.mask_token_id, std, seed, shard
+                )
         if self._rope_in_core:
             attention_mask, rotary = self._layout_with_positions(layout, position_ids), None
         else:

@@ -137,6 +137,24 @@ def add_sdar_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "runs on the clean half (on its positions with a target under --sdar-output-positions masked)",
     )
     g.add_argument(
+        "--sdar-mask-embedding-noise-std",
+        type=float,
+        default=0.0,
+        metavar="STD",
+        help="add N(0, STD^2) noise to the embedding output at masked positions during the first "
+        "--sdar-mask-embedding-noise-iters iterations (LLaDA2.0's remedy for early gradient spikes "
+        "while the new mask token's embedding is untrained); 0 = off. Seeded by --seed, iteration, "
+        "micro-batch and data-parallel rank: the same on every tensor-parallel rank, exact on resume",
+    )
+    g.add_argument(
+        "--sdar-mask-embedding-noise-iters",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the noise of --sdar-mask-embedding-noise-std applies while fewer than N iterations are "
+        "completed",
+    )
+    g.add_argument(
         "--sdar-sft-pad-token-id",
         type=int,
         default=None,
@@ -180,6 +198,38 @@ def sdar_config_from_args(args: argparse.Namespace) -> SDARConfig:
 def ar_loss_weight(args: argparse.Namespace) -> float:
     """``--sdar-ar-loss-weight``: the weight of the clean half's next-token loss (0 = off)."""
     return float(getattr(args, "sdar_ar_loss_weight", 0.0) or 0.0)
+
+
+def mask_embedding_noise(args: argparse.Namespace) -> tuple[float, int]:
+    """``(std, iterations)`` of the mask-embedding noise (std 0: off)."""
+    return (
+        float(getattr(args, "sdar_mask_embedding_noise_std", 0.0) or 0.0),
+        int(getattr(args, "sdar_mask_embedding_noise_iters", 0) or 0),
+    )
+
+
+def mask_embedding_noise_problems(args: argparse.Namespace) -> list[str]:
+    """Mask-embedding noise settings that would do nothing or cannot apply."""
+    std, iters = mask_embedding_noise(args)
+    problems = []
+    if std < 0:
+        problems.append(f"--sdar-mask-embedding-noise-std must be >= 0 (0 = off), got {std}")
+    if iters < 0:
+        problems.append(f"--sdar-mask-embedding-noise-iters must be >= 0, got {iters}")
+    if std > 0 and iters == 0:
+        problems.append(
+            f"--sdar-mask-embedding-noise-std {std} applies during the first "
+            "--sdar-mask-embedding-noise-iters iterations, which is 0: pass the number of iterations"
+        )
+    if iters > 0 and std == 0:
+        problems.append(
+            f"--sdar-mask-embedding-noise-iters {iters} without --sdar-mask-embedding-noise-std: "
+            "pass the noise's standard deviation (e.g. 0.1)"
+        )
+    if std > 0 and getattr(args, "sdar_objective", "sdar") != "sdar":
+        problems.append("--sdar-mask-embedding-noise-std applies to the SDAR objective only (the AR "
+                        "objective has no mask token)")  # fmt: skip
+    return problems
 
 
 def output_on_masked(args: argparse.Namespace) -> bool:
@@ -403,5 +453,6 @@ def sdar_problems(args: argparse.Namespace, vocab_size: int | None = None, speci
         )
     if args.sdar_stage == "sft" and getattr(args, "mock_data", False):
         problems.append("--mock-data only provides CPT windows; use --sdar-stage cpt")
+    problems += mask_embedding_noise_problems(args)
     problems += schedule_problems(args)
     return problems

@@ -17,9 +17,10 @@ import torch
 
 from megatron_sdar.attention.cache import tensor_key
 from megatron_sdar.batch import BATCH_FIELDS, BatchField, SDARBatch, check_batch_shapes
+from megatron_sdar.embedding_noise import noise_seed
 from megatron_sdar.loss import next_token_targets, sdar_loss
 from megatron_sdar.schedule import BLOCK_SIZE_FIELD, BLOCK_SIZE_KEY, block_size_report
-from megatron_sdar.training.arguments import ar_loss_weight, output_on_masked
+from megatron_sdar.training.arguments import ar_loss_weight, mask_embedding_noise, output_on_masked
 from megatron_sdar.training.throughput import REPORT_KEY, ThroughputMeter
 
 
@@ -156,6 +157,28 @@ class SDARForwardStep:
     def __init__(self) -> None:
         self.reader = SDARBatchReader()
         self.meter = ThroughputMeter()
+        self._micro_batch = (-1, 0)  # (iteration, training forwards in it so far)
+
+    def embedding_noise(self, args: Any, training: bool) -> tuple[float, int] | None:
+        """``(std, seed)`` for the model's mask-embedding noise in this training forward, or ``None``.
+
+        The seed depends on ``(--seed, iteration, micro-batch of the iteration, data-parallel rank)``
+        only, so tensor-parallel ranks agree and a resumed run draws what the uninterrupted one did.
+        """
+        std, iterations = mask_embedding_noise(args)
+        if not training or std <= 0:
+            return None
+        iteration = int(getattr(args, "curr_iteration", 0) or 0)
+        last, count = self._micro_batch
+        count = count + 1 if iteration == last else 0
+        self._micro_batch = (iteration, count)
+        if iteration >= iterations:
+            return None
+        from megatron.core import parallel_state
+
+        initialized = parallel_state.model_parallel_is_initialized()
+        rank = parallel_state.get_data_parallel_rank() if initialized else 0
+        return std, noise_seed(int(getattr(args, "seed", 0)), iteration, count, rank)
 
     def __call__(self, data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
         from megatron.core import parallel_state
@@ -186,13 +209,16 @@ class SDARForwardStep:
         if args.sdar_objective == "ar":
             output, loss_fn = ar_forward(model, batch)
         else:
-            ar = {}  # the joint AR loss: next-token targets for the clean half
-            if ar_weight > 0:
-                ar["ar_labels"] = next_token_targets(batch.labels, batch.layout, batch.eligible)[0]
-                ar["ar_index"] = data.get("ar_loss_index")
+            extra = {}
+            if ar_weight > 0:  # the joint AR loss: next-token targets for the clean half
+                extra["ar_labels"] = next_token_targets(batch.labels, batch.layout, batch.eligible)[0]
+                extra["ar_index"] = data.get("ar_loss_index")
+            noise = self.embedding_noise(args, model.training)
+            if noise is not None:
+                extra["mask_embedding_noise"] = noise
             output = model(
                 batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels,
-                loss_index=data.get("loss_index"), layout_host=data.get("layout_host"), **ar,
+                loss_index=data.get("loss_index"), layout_host=data.get("layout_host"), **extra,
             )  # fmt: skip
             loss_fn = partial(
                 sdar_loss, batch=batch, normalizer=args.sdar_loss_normalizer, ar_weight=ar_weight
