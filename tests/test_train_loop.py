@@ -522,3 +522,18 @@ def test_mask_embedding_noise_changes_the_first_steps_and_resumes_exactly(corpus
     assert sorted(after) == [3, 4]
     assert {k: after[3][k] for k in METRICS} == {k: whole[3][k] for k in METRICS}
     assert validation(resumed, 4) == validation(straight, 4)
+
+
+def test_pipeline_parallel_training_sends_the_2l_sequence(corpus):
+    """PP=2, plain and interleaved (two virtual stages per rank), in Megatron's loop: the stages
+    exchange [x_t ; x_0] (2L positions, not the --seq-length Megatron sizes its sends from), train
+    and validate with finite SDAR losses."""
+    sdar = ["--sdar-mask-token-id", corpus["mask"], "--sdar-block-size", "4"]
+    base = [*MODEL, *LOOP, *corpus["data"], *sdar, "--train-iters", "3", "--eval-interval", "3"]
+    base += ["--eval-iters", "1", "--pipeline-model-parallel-size", "2", "--lr-warmup-iters", "1"]
+    for extra in ([], ["--num-layers", "4", "--num-virtual-stages-per-pipeline-rank", "2"]):
+        out = train([*base, *extra], nproc=2)
+        logged = iterations(out)
+        assert sorted(logged) == [1, 2, 3], extra
+        assert all(0.0 < float(v["lm loss"]) < 20.0 for v in logged.values()), extra
+        assert 0.0 < float(validation(out, 3)["lm loss"]) < 20.0, extra

@@ -39,6 +39,11 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         model_class = GPTModel if use_te else ARModel  # TE fuses RoPE itself
         return model_class(transformer_layer_spec=spec, position_embedding_type="rope", **common)
     sdar = sdar_config_from_args(args)
+    if args.pipeline_model_parallel_size > 1:
+        # Megatron's schedules size the tensors sent between stages from --seq-length (L), but the
+        # SDAR model's stages exchange [x_t ; x_0], 2L positions: with variable sequence lengths the
+        # schedules send each tensor's shape first (a few bytes per send) instead of assuming it
+        transformer_config.variable_seq_lengths = True
     return SDARModel(
         transformer_layer_spec=sdar_layer_spec(transformer_config, sdar, use_te, vp_stage),
         sdar_config=sdar,
