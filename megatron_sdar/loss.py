@@ -26,6 +26,8 @@ micro-batch runs, so this is the closest the one-normaliser interface allows. Th
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from megatron_sdar.batch import SDARBatch
@@ -66,6 +68,8 @@ def sdar_loss(
     batch: SDARBatch,
     normalizer: LossNormalizer | str = LossNormalizer.ELIGIBLE,
     ar_weight: float = 0.0,
+    ar_valid: torch.Tensor | None = None,
+    count_group: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """``(loss_sum, num_tokens, report)`` from the model's ``[b, L, 2]`` (CE, correct) output.
 
@@ -75,7 +79,10 @@ def sdar_loss(
     With ``ar_weight > 0`` the output is ``[b, L, 4]`` (the clean half's next-token CE and correct
     follow) and the AR loss is added as the module docstring says: ``lm loss`` is then the total,
     ``diffusion loss`` and ``ar loss`` (and ``ar acc``) its parts. ``ar_weight = 0`` is the
-    diffusion loss alone, computed exactly as without the option.
+    diffusion loss alone, computed exactly as without the option. ``ar_valid``: where the clean half
+    has a next-token target (default: derived from ``batch``, which must then be whole). Under
+    context parallelism each rank holds part of every window: ``count_group`` (the context-parallel
+    group) sums the counts that weigh the AR part over it, so the weight is the whole window's.
     """
     normalizer = LossNormalizer(normalizer)
     ce = output[..., CE_INDEX].float()
@@ -102,12 +109,17 @@ def sdar_loss(
         raise ValueError(
             f"the AR loss needs the model's [b, L, 4] output (pass ar_labels), got {list(output.shape)}"
         )
-    _, valid = next_token_targets(batch.labels, batch.layout, batch.eligible)
-    valid = valid.float()
+    if ar_valid is None:
+        ar_valid = next_token_targets(batch.labels, batch.layout, batch.eligible)[1]
+    valid = ar_valid.float()
     ar_ce = output[..., AR_CE_INDEX].float()
     ar_sum = (ar_ce * valid).sum()
     num_ar = valid.sum()
-    total = loss_sum + (ar_weight * count / num_ar.clamp_min(1.0)) * ar_sum
+    counts = torch.stack([count, num_ar])
+    if count_group is not None:
+        counts = counts.clone()
+        torch.distributed.all_reduce(counts, group=count_group)
+    total = loss_sum + (ar_weight * counts[0] / counts[1].clamp_min(1.0)) * ar_sum
     report["lm loss"] = torch.stack([total.detach(), count])
     report["diffusion loss"] = torch.stack([detached, count])
     report["ar loss"] = torch.stack([ar_sum.detach(), num_ar])

@@ -22,6 +22,7 @@ def init_megatron(
     ep: int = 1,
     vpp: int = 1,
     etp: int | None = None,
+    cp: int = 1,
 ) -> None:
     """Initialise torch.distributed over gloo and Megatron's model-parallel groups (idempotent)."""
     from megatron.core import parallel_state
@@ -37,6 +38,7 @@ def init_megatron(
             expert_model_parallel_size=ep,
             expert_tensor_parallel_size=etp,
             virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+            context_parallel_size=cp,
         )
 
 

@@ -35,6 +35,9 @@ MOE = dict(
 )
 
 
+RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+
+
 def make_batches(sdar):
     from megatron_sdar.batch import build_sdar_batch
     from megatron_sdar.masks import document_ids_from_eod
@@ -138,13 +141,15 @@ def run(args) -> int:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_sdar.batch import BATCH_FIELDS, SDARBatch
     from megatron_sdar.config import SDARConfig
+    from megatron_sdar.context_parallel import clean_positions, slice_micro_batch
     from megatron_sdar.loss import next_token_targets, sdar_loss
     from megatron_sdar.model.sdar import masked_loss_index
     from tests.cpu_shims import install_cpu_schedule_shims
     from tests.helpers import init_megatron, tiny_model
 
-    if args.sp or args.moe:  # Megatron's sequence-parallel collectives and MoE router assume CUDA
+    if args.sp or args.moe or args.recompute:  # Megatron's SP collectives, MoE router, recompute assume CUDA
         from tests import cpu_cuda
 
         cpu_cuda.install()
@@ -157,9 +162,10 @@ def run(args) -> int:
         ep=args.ep if args.phase == "par" else 1,
         vpp=args.vpp if args.phase == "par" else 1,
         etp=args.etp if args.phase == "par" else None,
+        cp=args.cp if args.phase == "par" else 1,
     )
     install_cpu_schedule_shims()
-    if args.sp or args.moe:
+    if args.sp or args.moe or args.recompute:
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(0)
@@ -171,7 +177,9 @@ def run(args) -> int:
         mask_token_id=VOCAB - 1,
         clean_attention=args.clean_attention,
         loss_normalizer=args.loss_normalizer,
+        position_ids=args.position_ids,
     )
+    cp = args.cp if args.phase == "par" else 1
     chunks = args.vpp if args.phase == "par" else 1
     models, offsets = [], []
     for vp_stage in range(chunks):
@@ -187,6 +195,8 @@ def run(args) -> int:
                 sequence_parallel=args.sp and args.phase == "par",
                 **(MOE if args.moe else {}),
                 expert_model_parallel_size=args.ep if args.phase == "par" else 1,
+                context_parallel_size=cp,
+                **(RECOMPUTE if args.recompute else {}),
                 **({"expert_tensor_parallel_size": args.etp} if args.etp and args.phase == "par" else {}),
                 # gloo matches concurrent batched sends between two ranks by tag only, and the
                 # interleaved schedule has forward and backward messages in flight both ways
@@ -227,7 +237,14 @@ def run(args) -> int:
     # Data parallelism: each DP rank takes its share of the reference micro-batches.
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    dp_group = parallel_state.get_data_parallel_group()
+    # gradients and token counts are summed over data- and context-parallel ranks (Megatron's DDP
+    # and finalize_model_grads); expert weights over the ranks holding the same experts
+    dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    dp_cp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+    expert_dp_group = parallel_state.get_expert_data_parallel_group()
+    expert_dp_size = torch.distributed.get_world_size(expert_dp_group)
+    cp_rank = parallel_state.get_context_parallel_rank()
+    cp_group = parallel_state.get_context_parallel_group() if cp > 1 else None
     batches = make_batches(sdar)[dp_rank::dp_size]
 
     micro = iter(range(10**6))  # micro-batch counter: each one's embedding noise has its own seed
@@ -235,11 +252,16 @@ def run(args) -> int:
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         index = next(micro)
+        targets, valid = next_token_targets(batch.labels, batch.layout, batch.eligible)
+        if cp > 1:  # this rank's chunks of the whole micro-batch (as the training's batch reader)
+            whole = {f.name: getattr(batch, f.name) for f in BATCH_FIELDS}
+            batch = SDARBatch.from_mapping(slice_micro_batch(whole, cp, cp_rank))
+            positions = clean_positions(SEQ, cp, cp_rank)
+            targets, valid = targets[:, positions], valid[:, positions]
         # the reference always runs the output layer on the whole noised half
         selected = args.masked_output and args.phase == "par"
         ar = {}  # the joint AR loss: next-token targets of the clean half (on them only when selected)
         if args.ar_loss_weight:
-            targets, valid = next_token_targets(batch.labels, batch.layout, batch.eligible)
             ar = {"ar_labels": targets, "ar_index": masked_loss_index(valid) if selected else None}
         if args.embedding_noise:  # the same seed for a micro-batch on every rank (as in training)
             ar["mask_embedding_noise"] = (args.embedding_noise, 1000 * dp_rank + index)
@@ -248,8 +270,9 @@ def run(args) -> int:
             loss_index=masked_loss_index(batch.masked) if selected else None, **ar,
         )  # fmt: skip
         return output, partial(
-            sdar_loss, batch=batch, normalizer=sdar.loss_normalizer, ar_weight=args.ar_loss_weight
-        )
+            sdar_loss, batch=batch, normalizer=sdar.loss_normalizer, ar_weight=args.ar_loss_weight,
+            ar_valid=valid, count_group=cp_group,
+        )  # fmt: skip
 
     losses = get_forward_backward_func()(
         forward_step_func=forward_step,
@@ -270,7 +293,7 @@ def run(args) -> int:
         stats[0] = float(sum(d["lm loss"][0] for d in losses))
         stats[1] = float(sum(d["lm loss"][1] for d in losses))
     torch.distributed.all_reduce(stats, group=parallel_state.get_pipeline_model_parallel_group())
-    torch.distributed.all_reduce(stats, group=dp_group)
+    torch.distributed.all_reduce(stats, group=dp_cp_group)
     loss_sum, total_tokens = stats.tolist()
     grads = {}
     for model, layer_offset in zip(models, offsets):
@@ -280,8 +303,11 @@ def run(args) -> int:
                 "q_layernorm" in name or "k_layernorm" in name or getattr(param, "sequence_parallel", False)
             ):
                 torch.distributed.all_reduce(param.grad, group=tp_group)
-            if dp_size > 1 and getattr(param, "allreduce", True):  # expert weights: this rank's own
-                torch.distributed.all_reduce(param.grad, group=dp_group)
+            if getattr(param, "allreduce", True):
+                if dp_cp_size > 1:
+                    torch.distributed.all_reduce(param.grad, group=dp_cp_group)
+            elif expert_dp_size > 1:  # expert weights: over the ranks holding the same experts
+                torch.distributed.all_reduce(param.grad, group=expert_dp_group)
             grads[(name, layer_offset)] = param.grad.detach() / total_tokens
     loss = loss_sum / total_tokens if last else None
 
@@ -337,6 +363,9 @@ def main() -> None:
     parser.add_argument("--ep", type=int, default=1, help="expert parallelism (par phase)")
     parser.add_argument("--etp", type=int, default=None, help="expert tensor parallelism (default: TP)")
     parser.add_argument("--vpp", type=int, default=1, help="virtual pipeline stages per rank (par phase)")
+    parser.add_argument("--cp", type=int, default=1, help="context parallelism (par phase)")
+    parser.add_argument("--recompute", action="store_true", help="full activation recompute, every layer")
+    parser.add_argument("--position-ids", default="continuous", help="continuous (CPT) or document (SFT)")
     parser.add_argument("--clean-attention", default="block_causal")
     parser.add_argument("--loss-normalizer", default="eligible")
     parser.add_argument("--ar-loss-weight", type=float, default=0.0, help="joint AR loss (causal clean half)")

@@ -43,7 +43,9 @@ def _run_reference(path: Path, extra: list[str]) -> dict:
     return _last_json(out)
 
 
-def _run_parallel(path: Path, tp: int, pp: int, extra: list[str], world: int = 2) -> list[dict]:
+def _run_parallel(path: Path, tp: int, pp: int, extra: list[str], world: int | None = None) -> list[dict]:
+    if world is None:  # every process of the case's layout (data parallelism fills up to 2)
+        world = max(2, tp * pp * _cp_of(extra))
     port = str(free_port())
     procs = [
         _worker(
@@ -58,6 +60,10 @@ def _run_parallel(path: Path, tp: int, pp: int, extra: list[str], world: int = 2
         assert proc.returncode in (0, 1), err[-4000:]
         results.append(_last_json(out))
     return results
+
+
+def _cp_of(extra: list[str]) -> int:
+    return int(extra[extra.index("--cp") + 1]) if "--cp" in extra else 1
 
 
 CASES = {
@@ -79,6 +85,30 @@ CASES = {
     "pp2-masked-output": (1, 2, ["--masked-output"]),
     "pp2-virtual-stages": (1, 2, ["--vpp", "2"]),
     "dp2-masked-normalizer": (1, 1, ["--loss-normalizer", "masked"]),
+    # context parallelism: each rank holds chunks r and 2cp-1-r of both halves; documents and blocks
+    # (counted per document) cross the chunk boundaries of these 32-token windows
+    # with full recompute, which replays the key/value gather in backward
+    "cp2-full-recompute": (1, 1, ["--cp", "2", "--recompute"]),
+    "cp2-sft-positions-masked-output-ar-noise": (
+        1,
+        1,
+        [
+            "--cp",
+            "2",
+            "--position-ids",
+            "document",
+            "--masked-output",
+            "--clean-attention",
+            "causal",
+            "--ar-loss-weight",
+            "0.5",
+            "--embedding-noise",
+            "0.5",
+        ],
+    ),  # fmt: skip
+    "cp2-tp2-sequence-parallel": (2, 1, ["--cp", "2", "--sp"]),
+    "cp2-pp2": (1, 2, ["--cp", "2"]),
+    "cp2-moe-ep2": (1, 1, ["--cp", "2", "--moe", "--ep", "2"]),
 }
 
 

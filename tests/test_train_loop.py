@@ -524,16 +524,37 @@ def test_mask_embedding_noise_changes_the_first_steps_and_resumes_exactly(corpus
     assert validation(resumed, 4) == validation(straight, 4)
 
 
-def test_pipeline_parallel_training_sends_the_2l_sequence(corpus):
-    """PP=2, plain and interleaved (two virtual stages per rank), in Megatron's loop: the stages
-    exchange [x_t ; x_0] (2L positions, not the --seq-length Megatron sizes its sends from), train
-    and validate with finite SDAR losses."""
+def test_pipeline_and_context_parallel_training_match_one_process(corpus, tmp_path):
+    """From the same weights (``--finetune`` from one checkpoint), Megatron's loop at PP=2 (plain and
+    interleaved, two virtual stages per rank) and at CP=2 logs the losses, gradient norms and
+    validation of one process: the stages exchange [x_t ; x_0] (2L positions, not the --seq-length
+    Megatron sizes its sends from), and each CP rank trains on its chunks of both halves (with the
+    distributed optimizer, and saves its checkpoint)."""
     sdar = ["--sdar-mask-token-id", corpus["mask"], "--sdar-block-size", "4"]
     base = [*MODEL, *LOOP, *corpus["data"], *sdar, "--train-iters", "3", "--eval-interval", "3"]
-    base += ["--eval-iters", "1", "--pipeline-model-parallel-size", "2", "--lr-warmup-iters", "1"]
-    for extra in ([], ["--num-layers", "4", "--num-virtual-stages-per-pipeline-rank", "2"]):
-        out = train([*base, *extra], nproc=2)
+    base += ["--eval-iters", "1", "--lr-warmup-iters", "1", "--num-layers", "4"]
+    train([*base, "--save", str(tmp_path / "start"), "--save-interval", "3"])
+    finetune = [*base, "--load", str(tmp_path / "start"), "--finetune"]
+    reference = train(finetune)
+    expected = iterations(reference)
+    assert sorted(expected) == [1, 2, 3]
+    # with Megatron's distributed optimizer, sharded over the data- and context-parallel ranks
+    cp_run = ["--context-parallel-size", "2", "--use-distributed-optimizer"]
+    cp_run += ["--save", str(tmp_path / "cp"), "--save-interval", "3"]
+    for extra in (
+        ["--pipeline-model-parallel-size", "2"],
+        ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"],
+        cp_run,
+    ):
+        out = train([*finetune, *extra], nproc=2)
         logged = iterations(out)
         assert sorted(logged) == [1, 2, 3], extra
-        assert all(0.0 < float(v["lm loss"]) < 20.0 for v in logged.values()), extra
-        assert 0.0 < float(validation(out, 3)["lm loss"]) < 20.0, extra
+        for it in logged:
+            for key in ("lm loss", "masked ce", "grad norm"):
+                want = float(expected[it][key])
+                assert float(logged[it][key]) == pytest.approx(want, rel=2e-5), (extra, it, key)
+        got, want = validation(out, 3), validation(reference, 3)
+        assert {k: pytest.approx(float(v), rel=2e-5) for k, v in want.items()} == {
+            k: float(v) for k, v in got.items()
+        }, extra
+    assert (tmp_path / "cp" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"

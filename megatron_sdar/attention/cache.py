@@ -105,15 +105,30 @@ class SDARMaskCache:
         self._host = TensorKeyedCache(max_entries)
         self.builds = 0  # number of masks built (RoPE tables not counted); tests use it to check sharing
 
-    def get(self, layout: torch.Tensor, clean_attention: CleanAttention, backend: str) -> Any:
+    def get(
+        self,
+        layout: torch.Tensor,
+        clean_attention: CleanAttention,
+        backend: str,
+        query_index: tuple[tuple, torch.Tensor] | None = None,
+    ) -> Any:
+        """The mask (or split plan) of ``layout`` for the back end. ``query_index`` ``(key, index)``
+        restricts the queries to the ``2L`` sequence positions ``index`` (a context-parallel rank's,
+        identified by ``key``), the keys still being the whole sequence."""
+        rows = None if query_index is None else query_index[1]
+
         def build() -> Any:
             if backend == "flex":
-                return build_block_mask(layout, clean_attention, compile=layout.is_cuda)
+                return build_block_mask(layout, clean_attention, compile=layout.is_cuda, query_index=rows)
             if backend == "split":
+                if rows is not None:
+                    raise ValueError("the split back end does not restrict its queries (context parallelism)")
                 return build_split_plan(layout, clean_attention, self.split_band, self.host_copy(layout))
-            return dense_sdar_mask(layout, clean_attention)
+            mask = dense_sdar_mask(layout, clean_attention)
+            return mask if rows is None else mask.index_select(2, rows)
 
-        mask, built = self._entries.get((layout,), ("mask", clean_attention, backend), build)
+        what = ("mask", clean_attention, backend, None if query_index is None else query_index[0])
+        mask, built = self._entries.get((layout,), what, build)
         self.builds += built
         return mask
 
@@ -123,10 +138,12 @@ class SDARMaskCache:
         rotary: PositionRotaryEmbedding,
         dtype: torch.dtype,
         position_ids: Callable[[], torch.Tensor],
+        variant: tuple = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE cos/sin tables for the ``[b, s]`` ``position_ids()`` the layout carries, shared like
-        the masks (one build per micro-batch for all layers)."""
-        what = ("rope", rotary.dim, rotary.rotary_base, dtype)
+        the masks (one build per micro-batch for all layers); ``variant`` tells apart tables built
+        from the same layout for other positions (a context-parallel rank's)."""
+        what = ("rope", rotary.dim, rotary.rotary_base, dtype, *variant)
         return self._entries.get((layout,), what, lambda: rotary.tables(position_ids(), dtype))[0]
 
     def set_host_copy(self, layout: torch.Tensor, host: torch.Tensor) -> None:

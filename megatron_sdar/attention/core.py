@@ -32,6 +32,7 @@ from megatron_sdar.attention.cache import SDARMaskCache
 from megatron_sdar.attention.flex import compiled_flex_attention, default_kernel_options
 from megatron_sdar.attention.split import split_sdar_attention
 from megatron_sdar.config import ATTENTION_BACKENDS
+from megatron_sdar.context_parallel import gather_sequence, sequence_index
 from megatron_sdar.masks import LAYOUT_POSITION, LAYOUT_ROWS, LAYOUT_ROWS_WITH_POSITIONS, CleanAttention
 from megatron_sdar.positions import PositionRotaryEmbedding, apply_rope
 
@@ -48,12 +49,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def core_attention_scale(config: TransformerConfig, softmax_scale: float | None, what: str) -> float:
+def core_attention_scale(
+    config: TransformerConfig, softmax_scale: float | None, what: str, context_parallel: bool = False
+) -> float:
     """Refuse what these core attentions do not implement; the softmax scale to use."""
-    if config.context_parallel_size != 1:
-        raise ValueError(
-            f"{what} does not support context parallelism yet (--context-parallel-size must be 1)"
-        )
+    if config.context_parallel_size != 1 and not context_parallel:
+        raise ValueError(f"{what} does not support context parallelism (--context-parallel-size must be 1)")
     if config.attention_dropout != 0.0:
         raise ValueError(
             f"{what} does not implement attention dropout (got "
@@ -103,9 +104,18 @@ class SDARCoreAttention(_ModelBound):
         kernel_options: dict | None = None,
     ) -> None:
         super().__init__(config=config)
-        self.softmax_scale = core_attention_scale(config, softmax_scale, "SDAR attention")
+        self.softmax_scale = core_attention_scale(
+            config, softmax_scale, "SDAR attention", context_parallel=True
+        )
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown SDAR attention backend {backend!r}; use one of {ATTENTION_BACKENDS}")
+        if config.context_parallel_size > 1 and backend == "split":
+            raise ValueError(
+                "the split attention back end does not support context parallelism yet: use "
+                "--sdar-attention-backend flex (or auto) with --context-parallel-size > 1"
+            )
+        cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+        object.__setattr__(self, "cp_group", cp_group)  # a process group, not a submodule
         self.layer_number = layer_number
         self.clean_attention = CleanAttention(clean_attention)
         self.backend = backend
@@ -136,19 +146,40 @@ class SDARCoreAttention(_ModelBound):
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SDAR attention supports neither packed THD sequences nor attention bias")
         seq, batch = query.shape[0], query.shape[1]
-        if seq != 2 * attention_mask.shape[-1] or batch != attention_mask.shape[0]:
+        cp_size = self.config.context_parallel_size
+        window = attention_mask.shape[-1]
+        if seq * cp_size != 2 * window or batch != attention_mask.shape[0]:
+            held = f" (this rank's 2L / {cp_size} under context parallelism)" if cp_size > 1 else ""
             raise ValueError(
-                f"query covers {seq} tokens x {batch} rows but the layout describes "
-                f"2 x {attention_mask.shape[-1]} tokens x {attention_mask.shape[0]} rows"
+                f"query covers {seq} tokens{held} x {batch} rows but the layout describes "
+                f"2 x {window} tokens x {attention_mask.shape[0]} rows"
             )
+        cp = None  # (rank, size, this rank's indices into the 2L sequence) under context parallelism
+        if cp_size > 1:
+            if self.rotary is None:
+                raise ValueError(
+                    "context parallelism needs RoPE in the SDAR core attention (SDARModel binds it)"
+                )
+            rank = self._cp_rank()
+            cp = (rank, cp_size, sequence_index(window, cp_size, rank, query.device))
         if self.rotary is not None:  # the layout carries positions: RoPE is applied here
             clean = attention_mask[:, LAYOUT_POSITION]
+            if cp is None:
+                positions, variant = (lambda: torch.cat([clean, clean], dim=-1)), ()
+            else:
+                positions, variant = (lambda: clean.index_select(1, cp[2] % window)), cp[:2]
             cos, sin = self.mask_cache.rope_tables(
-                attention_mask, self.rotary, query.dtype, lambda: torch.cat([clean, clean], dim=-1)
+                attention_mask, self.rotary, query.dtype, positions, variant
             )
             query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
+        if cp is not None:  # every rank's keys and values, in sequence order
+            group = self._cp_process_group()
+            key, value = gather_sequence(key, window, group), gather_sequence(value, window, group)
         backend = resolve_backend(self.backend, query.device)
-        mask = self.mask_cache.get(attention_mask, self.clean_attention, backend)
+        mask = self.mask_cache.get(
+            attention_mask, self.clean_attention, backend,
+            query_index=None if cp is None else (cp[:2], cp[2]),
+        )  # fmt: skip
         if backend == "split":
             # [s, b, h, d] -> [b, s, h, d] and back
             out = split_sdar_attention(
@@ -172,6 +203,16 @@ class SDARCoreAttention(_ModelBound):
             )
         # [b, h, s, d] -> [s, b, h * d]
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
+
+    def _cp_process_group(self) -> Any:
+        if self.cp_group is not None:
+            return self.cp_group
+        from megatron.core import parallel_state
+
+        return parallel_state.get_context_parallel_group()
+
+    def _cp_rank(self) -> int:
+        return torch.distributed.get_rank(self._cp_process_group())
 
 
 class CausalCoreAttention(_ModelBound):

@@ -44,17 +44,29 @@ def build_block_mask(
     clean_attention: CleanAttention | str,
     block: int = 128,
     compile: bool = False,
+    query_index: torch.Tensor | None = None,
 ):
     """A FlexAttention ``BlockMask`` for the layout, built from the mask function.
 
     With ``compile=True`` (used on CUDA) the construction is compiled so the ``2L x 2L`` boolean
     grid is never materialised; uncompiled construction evaluates the grid in pieces.
+    ``query_index`` (a context-parallel rank's positions in the ``2L`` sequence): the queries are
+    those positions only, the keys the whole sequence.
     """
     batch, _, seq_len = layout.shape
+    mask_mod = sdar_mask_mod(layout, clean_attention)
+    queries = 2 * seq_len
+    if query_index is not None:
+        whole = mask_mod
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return whole(b, h, query_index[q_idx], kv_idx)
+
+        queries = query_index.numel()
     return compat.create_block_mask(
-        sdar_mask_mod(layout, clean_attention),
+        mask_mod,
         batch,
-        2 * seq_len,
+        queries,
         2 * seq_len,
         layout.device,
         block_size=block,

@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_sdar.attention.cache import TensorKeyedCache
 from megatron_sdar.attention.core import SDARCoreAttention
 from megatron_sdar.config import SDARConfig
+from megatron_sdar.context_parallel import sequence_index
 from megatron_sdar.embedding_noise import add_mask_embedding_noise
 from megatron_sdar.masks import LAYOUT_ROWS, CleanAttention, layout_with_positions
 from megatron_sdar.model.base import RoPEInCoreModel
@@ -50,6 +51,11 @@ class SDARModel(RoPEInCoreModel):
     the clean positions) runs that output layer on the positions with a target only. This needs the
     token-causal clean half (``clean_attention="causal"``): under the block-causal rule a clean token
     sees the rest of its block, its own next token included, so the prediction would read its target.
+
+    Under context parallelism (:mod:`megatron_sdar.context_parallel`) ``input_ids`` holds this rank's
+    ``2L / cp`` tokens (its chunks of the noised half, then of the clean half), ``labels`` and the
+    indices its ``L / cp`` positions, while ``position_ids`` and the layout describe the whole window;
+    the outputs cover the rank's positions.
     """
 
     core_attention_type = SDARCoreAttention
@@ -144,8 +150,16 @@ class SDARModel(RoPEInCoreModel):
                     if self.config.sequence_parallel
                     else (0, 1)
                 )
+                rows = {}
+                if self.config.context_parallel_size > 1:  # this rank's tokens of the 2L sequence
+                    window = layout.shape[-1]
+                    cp_rank = parallel_state.get_context_parallel_rank()
+                    rows = dict(
+                        sequence_index=sequence_index(window, self.config.context_parallel_size, cp_rank),
+                        sequence_length=2 * window,
+                    )
                 decoder_input = add_mask_embedding_noise(
-                    decoder_input, input_ids, self.sdar_config.mask_token_id, std, seed, shard
+                    decoder_input, input_ids, self.sdar_config.mask_token_id, std, seed, shard, **rows
                 )
         if self._rope_in_core:
             attention_mask, rotary = self._layout_with_positions(layout, position_ids), None

@@ -8,6 +8,7 @@ import json
 import os
 
 from megatron_sdar.config import ATTENTION_BACKENDS, DocumentMask, LossNormalizer, PositionIds, SDARConfig
+from megatron_sdar.context_parallel import cp_problems
 from megatron_sdar.masks import BlockCounting, CleanAttention
 from megatron_sdar.noise import EmptyRows, NoiseUnit
 from megatron_sdar.schedule import schedule_problems
@@ -200,6 +201,32 @@ def ar_loss_weight(args: argparse.Namespace) -> float:
     return float(getattr(args, "sdar_ar_loss_weight", 0.0) or 0.0)
 
 
+def context_parallel_problems(args: argparse.Namespace) -> list[str]:
+    """``--context-parallel-size`` settings SDAR training cannot run with."""
+    cp = getattr(args, "context_parallel_size", 1)
+    if cp == 1:
+        return []
+    problems = cp_problems(args.seq_length, cp)
+    if getattr(args, "sdar_objective", "sdar") != "sdar":
+        problems.append(
+            "--context-parallel-size > 1 splits the SDAR objective's [x_t ; x_0] sequence; the AR baseline "
+            "(--sdar-objective ar) runs without context parallelism: use --context-parallel-size 1"
+        )
+    if getattr(args, "sdar_attention_backend", "auto") == "split":
+        problems.append("--sdar-attention-backend split does not support context parallelism yet: use flex "
+                        "(or auto) with --context-parallel-size > 1")  # fmt: skip
+    comm = getattr(args, "cp_comm_type", None) or ["p2p"]
+    comm = comm if isinstance(comm, list) else [comm]
+    if any(c not in ("p2p", "all_gather") for c in comm):
+        problems.append(
+            f"--cp-comm-type {' '.join(comm)}: SDAR attention all-gathers keys and values over the "
+            "context-parallel group (docs/context_parallel.md); pass all_gather or leave the default"
+        )
+    if getattr(args, "hierarchical_context_parallel_sizes", None):
+        problems.append("--hierarchical-context-parallel-sizes is not supported by SDAR attention")
+    return problems
+
+
 def mask_embedding_noise(args: argparse.Namespace) -> tuple[float, int]:
     """``(std, iterations)`` of the mask-embedding noise (std 0: off)."""
     return (
@@ -369,12 +396,7 @@ def validate_sdar_args(args: argparse.Namespace, vocab_size: int | None = None, 
 
 def sdar_problems(args: argparse.Namespace, vocab_size: int | None = None, special_tokens=None) -> list[str]:
     """Every setting SDAR training cannot run with, each saying what to change."""
-    problems = []
-    if args.context_parallel_size > 1:
-        problems.append(
-            "context parallelism is not implemented yet (design: docs/context_parallel.md): "
-            "use --context-parallel-size 1"
-        )
+    problems = context_parallel_problems(args)
     tp = getattr(args, "tensor_model_parallel_size", 1)
     if getattr(args, "sequence_parallel", False) and args.seq_length % tp:
         problems.append(f"--sequence-parallel splits the window over TP={tp}, but --seq-length "

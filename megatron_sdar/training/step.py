@@ -17,6 +17,7 @@ import torch
 
 from megatron_sdar.attention.cache import tensor_key
 from megatron_sdar.batch import BATCH_FIELDS, BatchField, SDARBatch, check_batch_shapes
+from megatron_sdar.context_parallel import clean_positions, context_parallel_rank_and_size, slice_micro_batch
 from megatron_sdar.embedding_noise import noise_seed
 from megatron_sdar.loss import next_token_targets, sdar_loss
 from megatron_sdar.schedule import BLOCK_SIZE_FIELD, BLOCK_SIZE_KEY, block_size_report
@@ -49,30 +50,36 @@ def batch_digest(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """A few numbers that differ when two ranks hold different micro-batches: every field's sum and a
     position-weighted token sum (float64 holds these sums exactly at any realistic size)."""
     sums = [batch[f.name].to(torch.float64).sum() for f in BATCH_FIELDS]
-    weighted = (batch["input_ids"] * batch["position_ids"]).sum().to(torch.float64)
+    tokens = batch["input_ids"]
+    weighted = (tokens * torch.arange(1, tokens.shape[-1] + 1, device=tokens.device)).sum().to(torch.float64)
     return torch.stack([*sums, weighted])
 
 
-def check_tensor_parallel_agreement(batch: Mapping[str, torch.Tensor]) -> None:
-    """Every TP rank read the same micro-batch (one small all-reduce pair).
+def check_tensor_parallel_agreement(
+    batch: Mapping[str, torch.Tensor], device: torch.device | None = None
+) -> None:
+    """Every tensor- and context-parallel rank read the same micro-batch (one small all-reduce pair).
 
     Each rank reads its own copy of the data; samples and noise depend on ``(seed, split, index)``
     only, so a disagreement means a dataset that is not deterministic, which would train each
-    tensor-parallel shard on different data.
+    tensor-parallel shard (or each context-parallel chunk) on different data. ``batch`` is the whole
+    micro-batch (before a context-parallel rank keeps its part); the digest is reduced on ``device``.
     """
     from megatron.core import parallel_state
 
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+    if parallel_state.get_tensor_and_context_parallel_world_size() == 1:
         return
     digest = batch_digest(batch)
+    if device is not None:
+        digest = digest.to(device)
     low, high = digest.clone(), digest.clone()
-    group = parallel_state.get_tensor_model_parallel_group()
+    group = parallel_state.get_tensor_and_context_parallel_group()
     torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN, group=group)
     torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX, group=group)
     if not torch.equal(low, high):
         raise RuntimeError(
-            "tensor-parallel ranks read different micro-batches: the dataset must give the same "
-            "sample for the same index on every rank (noise is seeded by --seed, split and index)"
+            "tensor- or context-parallel ranks read different micro-batches: the dataset must give the "
+            "same sample for the same index on every rank (noise is seeded by --seed, split and index)"
         )
 
 
@@ -116,39 +123,57 @@ class SDARBatchReader:
         seq_length: int,
         loss_index: bool = False,
         ar_index: bool = False,
+        ar_targets: bool = False,
+        context_parallel: tuple[int, int] = (0, 1),
     ) -> dict[str, torch.Tensor]:
         """The next micro-batch on ``device``: every :class:`~megatron_sdar.batch.SDARBatch` field,
         ``layout_host`` (the loader's CPU copy of the layout, for what is planned on the host) and,
         with ``loss_index``, the masked positions for
-        :meth:`~megatron_sdar.model.SDARModel.selected_output`; with ``ar_index``, as
-        ``ar_loss_index``, the clean positions with a next-token target (the AR loss)."""
+        :meth:`~megatron_sdar.model.SDARModel.selected_output`. ``ar_targets`` (the joint AR loss):
+        ``ar_labels`` and ``ar_valid``, the clean half's next-token targets and where there is one,
+        and with ``ar_index``, as ``ar_loss_index``, those positions.
+
+        ``context_parallel = (rank, size)``: the micro-batch is read whole, checked, its AR targets
+        derived, and then only this rank's part is kept
+        (:func:`~megatron_sdar.context_parallel.slice_micro_batch`): the per-position fields and
+        targets at its positions, the position ids and layout whole."""
+        from megatron_sdar.model.sdar import masked_loss_index
+
         if data_iterator is None:
             raise RuntimeError("this rank has no data iterator; the SDAR datasets are built on every rank")
         host = next(data_iterator)
         check_batch_shapes(host, micro_batch_size, seq_length)
+        if self._checked.first_time(data_iterator):
+            check_tensor_parallel_agreement(host, device)
+        ar = {}
+        if ar_targets or ar_index:
+            ar["ar_labels"], ar["ar_valid"] = next_token_targets(
+                host["labels"], host["layout"], host["eligible"]
+            )
+        cp_rank, cp_size = context_parallel
+        if cp_size > 1:
+            host = slice_micro_batch(host, cp_size, cp_rank)
+            positions = clean_positions(host["layout"].shape[-1], cp_size, cp_rank)
+            ar = {name: value.index_select(-1, positions) for name, value in ar.items()}
         out = {f.name: self._to_device(f, host[f.name], device) for f in BATCH_FIELDS}
         if host["layout"].device.type == "cpu":
             out["layout_host"] = host["layout"]
         if loss_index:
-            from megatron_sdar.model.sdar import masked_loss_index
-
-            index = masked_loss_index(host["masked"].to(torch.bool))
-            if device.type == "cuda" and index.device.type == "cpu":
-                index = index.pin_memory()
-            out["loss_index"] = index.to(device, non_blocking=True)
+            out["loss_index"] = _index_to(masked_loss_index(host["masked"].to(torch.bool)), device)
         if ar_index:
-            from megatron_sdar.model.sdar import masked_loss_index
-
-            _, valid = next_token_targets(host["labels"], host["layout"], host["eligible"])
-            index = masked_loss_index(valid)
-            if device.type == "cuda" and index.device.type == "cpu":
-                index = index.pin_memory()
-            out["ar_loss_index"] = index.to(device, non_blocking=True)
+            out["ar_loss_index"] = _index_to(masked_loss_index(ar["ar_valid"]), device)
+        for name, value in ar.items():
+            out[name] = value.to(device, non_blocking=True)
         if BLOCK_SIZE_FIELD in host:  # under a block-size schedule: each sample's block size, on the host
             out[BLOCK_SIZE_FIELD] = host[BLOCK_SIZE_FIELD]
-        if self._checked.first_time(data_iterator):
-            check_tensor_parallel_agreement(out)
         return out
+
+
+def _index_to(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host index on ``device`` without a synchronisation (pinned first when going to CUDA)."""
+    if device.type == "cuda" and index.device.type == "cpu":
+        index = index.pin_memory()
+    return index.to(device, non_blocking=True)
 
 
 class SDARForwardStep:
@@ -194,13 +219,15 @@ class SDARForwardStep:
         timers("batch-generator", log_level=2).start()
         selected = args.sdar_objective == "sdar" and output_on_masked(args)
         ar_weight = ar_loss_weight(args) if args.sdar_objective == "sdar" else 0.0
+        cp_rank, cp_size = context_parallel_rank_and_size()
         data = self.reader.read(
             data_iterator, device, args.micro_batch_size, args.seq_length, loss_index=selected,
-            ar_index=selected and ar_weight > 0,
+            ar_index=selected and ar_weight > 0, ar_targets=ar_weight > 0,
+            context_parallel=(cp_rank, cp_size),
         )  # fmt: skip
         timers("batch-generator").stop()
         batch = SDARBatch.from_mapping(data)
-        data_tokens = batch.labels.numel()
+        data_tokens = batch.labels.numel() * cp_size  # the whole window: its CP ranks count it once
         if args.sdar_objective == "sdar" and getattr(args, "sdar_complementary_masks", False):
             data_tokens //= 2  # every window is in the micro-batch twice
         throughput = self.meter.report(
@@ -211,7 +238,7 @@ class SDARForwardStep:
         else:
             extra = {}
             if ar_weight > 0:  # the joint AR loss: next-token targets for the clean half
-                extra["ar_labels"] = next_token_targets(batch.labels, batch.layout, batch.eligible)[0]
+                extra["ar_labels"] = data["ar_labels"]
                 extra["ar_index"] = data.get("ar_loss_index")
             noise = self.embedding_noise(args, model.training)
             if noise is not None:
@@ -221,12 +248,22 @@ class SDARForwardStep:
                 loss_index=data.get("loss_index"), layout_host=data.get("layout_host"), **extra,
             )  # fmt: skip
             loss_fn = partial(
-                sdar_loss, batch=batch, normalizer=args.sdar_loss_normalizer, ar_weight=ar_weight
-            )
+                sdar_loss, batch=batch, normalizer=args.sdar_loss_normalizer, ar_weight=ar_weight,
+                ar_valid=data.get("ar_valid"), count_group=_context_parallel_group(cp_size),
+            )  # fmt: skip
         reported = partial(_with_throughput, loss_fn, throughput)
         if BLOCK_SIZE_FIELD in data:
             reported = partial(_with_block_size, reported, block_size_report(data[BLOCK_SIZE_FIELD], device))
         return output, reported
+
+
+def _context_parallel_group(cp_size: int) -> Any:
+    """The group the joint loss sums its per-window counts over (``None`` without CP)."""
+    if cp_size == 1:
+        return None
+    from megatron.core import parallel_state
+
+    return parallel_state.get_context_parallel_group()
 
 
 def _with_throughput(loss_fn, throughput: torch.Tensor, output: torch.Tensor):

@@ -1,0 +1,119 @@
+"""Context parallelism's pieces on one process: the zig-zag chunks of both halves, the order that puts
+gathered keys back in sequence order, the slicing of a micro-batch (re-assembled it is the whole one),
+the balance of the SDAR mask's work across ranks, a query-restricted mask equal to the rows of the
+whole one, and the settings' checks. Equality with CP=1 through Megatron's schedule (CPT, SFT
+positions, TP+SP, PP, MoE EP) is in ``tests/test_parallel.py`` (``cp2*`` cases) and through Megatron's
+training loop in ``tests/test_train_loop.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_sdar.batch import BATCH_FIELDS, build_sdar_batch
+from megatron_sdar.config import SDARConfig
+from megatron_sdar.context_parallel import (
+    clean_positions,
+    cp_problems,
+    global_order,
+    sequence_index,
+    slice_micro_batch,
+)
+from megatron_sdar.masks import dense_sdar_mask, document_ids_from_eod
+
+
+def test_each_rank_holds_chunk_r_and_its_mirror_of_both_halves():
+    assert clean_positions(16, 2, 0).tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    assert clean_positions(16, 2, 1).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+    assert sequence_index(8, 2, 1).tolist() == [2, 3, 4, 5, 10, 11, 12, 13]
+    for cp in (1, 2, 4):
+        held = torch.cat([clean_positions(64, cp, r) for r in range(cp)])
+        assert sorted(held.tolist()) == list(range(64))
+        gathered = torch.cat([sequence_index(64, cp, r) for r in range(cp)])
+        assert torch.equal(gathered[global_order(64, cp)], torch.arange(128))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        clean_positions(20, 4, 0)
+
+
+def _batch(seed: int = 0, rows: int = 2, seq: int = 32):
+    sdar = SDARConfig(block_size=4, mask_token_id=99)
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(2, 98, (rows, seq), generator=gen)
+    tokens[:, 6] = tokens[:, 19] = 1  # documents that cross chunk boundaries
+    doc_ids = document_ids_from_eod(tokens, 1)
+    eligible = torch.rand((rows, seq), generator=gen) < 0.9
+    return build_sdar_batch(tokens, doc_ids, eligible, sdar, gen)
+
+
+def test_sliced_micro_batches_reassemble_to_the_whole_one():
+    batch = _batch()
+    whole = {f.name: getattr(batch, f.name) for f in BATCH_FIELDS}
+    seq = batch.labels.shape[-1]
+    for cp in (2, 4):
+        rebuilt = {name: torch.zeros_like(value) for name, value in whole.items()}
+        for rank in range(cp):
+            part = slice_micro_batch(whole, cp, rank)
+            assert part["input_ids"].shape[-1] == 2 * seq // cp and part["labels"].shape[-1] == seq // cp
+            assert part["layout"] is whole["layout"] and part["position_ids"] is whole["position_ids"]
+            rebuilt["input_ids"][:, sequence_index(seq, cp, rank)] = part["input_ids"]
+            for name in ("labels", "eligible", "masked", "mask_prob", "t"):
+                rebuilt[name][:, clean_positions(seq, cp, rank)] = part[name]
+        for name in ("input_ids", "labels", "eligible", "masked", "mask_prob", "t"):
+            assert torch.equal(rebuilt[name], whole[name]), (cp, name)
+
+
+def test_the_zig_zag_balances_the_sdar_mask_work():
+    """Allowed (query, key) pairs per rank for one document of 256 tokens at B=4: equal within 1%
+    with the zig-zag chunks; contiguous halves would give one rank about three times the other's."""
+    layout = torch.stack(
+        [torch.zeros(1, 256, dtype=torch.int32), torch.arange(256).div(4, rounding_mode="floor")[None].int()],
+        1,
+    )
+    mask = dense_sdar_mask(layout, "block_causal")[0, 0]
+    for cp in (2, 4):
+        work = [int(mask[sequence_index(256, cp, r)].sum()) for r in range(cp)]
+        assert max(work) / min(work) < 1.01, work
+    contiguous = [
+        int(mask[torch.cat([torch.arange(a, a + 128), torch.arange(256 + a, 256 + a + 128)])].sum())
+        for a in (0, 128)
+    ]
+    assert max(contiguous) / min(contiguous) > 2.5
+
+
+def test_query_restricted_masks_are_the_rows_of_the_whole_mask():
+    from megatron_sdar.attention.cache import SDARMaskCache
+    from megatron_sdar.attention.flex import build_block_mask
+
+    batch = _batch(seed=3)
+    layout = batch.layout
+    whole = dense_sdar_mask(layout, "block_causal")
+    cache = SDARMaskCache()
+    for rank in range(2):
+        rows = sequence_index(32, 2, rank)
+        got = cache.get(layout, "block_causal", "sdpa", query_index=((rank, 2), rows))
+        assert torch.equal(got, whole[:, :, rows])
+        block_mask = build_block_mask(layout, "block_causal", block=16, query_index=rows)
+        assert block_mask.shape[-2:] == (32, 64)
+        dense = block_mask.to_dense()  # tiles that may hold an allowed pair
+        tiles = whole[:, :, rows].unflatten(2, (2, 16)).unflatten(-1, (4, 16)).any(-1).any(-2)
+        assert torch.equal(dense.bool(), tiles)
+    assert (
+        cache.get(layout, "block_causal", "sdpa", query_index=((0, 2), sequence_index(32, 2, 0))) is not whole
+    )
+    assert cache.builds == 2  # one per rank key; the third call found rank 0's
+
+
+def test_settings(monkeypatch):
+    from megatron_sdar.training.arguments import validate_sdar_args
+    from tests.test_training import parse
+
+    assert cp_problems(64, 4) == [] and cp_problems(60, 1) == []
+    assert "multiple of 8" in cp_problems(60, 4)[0]
+    validate_sdar_args(parse(["--context-parallel-size", "2"], monkeypatch), vocab_size=128)
+    for flags, message in (
+        (["--context-parallel-size", "2", "--sdar-objective", "ar"], "AR baseline"),
+        (["--context-parallel-size", "2", "--sdar-attention-backend", "split"], "split does not support"),
+        (["--context-parallel-size", "2", "--cp-comm-type", "a2a"], "all-gathers keys and values"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            validate_sdar_args(parse(flags, monkeypatch), vocab_size=128)
