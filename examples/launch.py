@@ -8,6 +8,13 @@
     # --hf-dir SDAR-30B-A3B-Chat --save ckpt/sdar-30b-a3b --expert-model-parallel-size 8)
     python examples/launch.py --model qwen3-30b-a3b --stage sft --nodes 4 --init-from ckpt/sdar-30b-a3b \\
         --data-path data/chat_sft --save runs/sdar-30b-a3b-sft
+    # CPT with the block size warmed up from 1 and the joint AR + diffusion loss
+    python examples/launch.py --model qwen3-8b --stage cpt --nodes 2 --recipe wsd-ar --dry-run \\
+        --init-from ckpt/qwen3-8b --data-path data/corpus_text_document --save runs/qwen3-8b-cpt-ar
+    python examples/launch.py --list-recipes
+    # long windows with context parallelism: L = 16384 (2L = 32768 tokens per sample) on one node
+    python examples/launch.py --model qwen3-8b --stage cpt --nodes 1 --seq-length 16384 --dry-run \
+        --init-from ckpt/qwen3-8b --data-path data/corpus_text_document --save runs/qwen3-8b-cpt-16k
 
 The recipe follows the paper: CPT with block size 4 on 4096-token windows, SFT on packed chat
 windows (block size 4 by default; 4-64 supported). Each model has a layout per node count (tensor,
@@ -19,12 +26,27 @@ requeued SLURM job picks up where it stopped); otherwise it starts from ``--init
 checkpoint written by ``tools/convert_hf_to_mcore.py``) with ``--finetune``, which must hold a
 checkpoint by then (refused before launching otherwise, dry runs included).
 
-``--block-size-schedule`` trains with a block size that changes with the iteration
-(``--sdar-block-size-schedule``): ``wsd`` warms up from 1 (AR, what a Qwen3 checkpoint already
-does) through the powers of two dividing the block size, each stage twice as long as the one before,
+``--recipe`` picks the training recipe (``--list-recipes`` lists them): ``released`` (the default) is
+the paper's, with a fixed block size; ``wsd`` trains with a block size that changes with the iteration
+(``--sdar-block-size-schedule``), warming up from 1 (AR, what a Qwen3 checkpoint already does)
+through the powers of two dividing the block size, each stage twice as long as the one before,
 reaching the block size after 15% of the iterations and keeping it (CPT: 10000 iterations at B=4
-give ``1:0,2:500,4:1500``); an explicit ``B:ITER,...`` (e.g. ``1:0,4:2000,32:6000,8:9000``, which
-decays to 8 at the end) is passed through, and its last block size becomes ``--sdar-block-size``.
+give ``1:0,2:500,4:1500``); ``wsd-ar`` (CPT) adds the joint AR + diffusion loss to that schedule
+(``--sdar-ar-loss-weight 0.5`` with the token-causal clean attention it needs), for one checkpoint
+that decodes by blocks and token by token. ``--block-size-schedule`` overrides the recipe's schedule:
+``wsd``, or an explicit ``B:ITER,...`` (e.g. ``1:0,4:2000,32:6000,8:9000``, which decays to 8 at the
+end) that is passed through, its last block size becoming ``--sdar-block-size``. ``--extra`` comes
+last and wins over any flag the recipe sets (e.g. ``--extra "--sdar-ar-loss-weight 1.0"``).
+
+``--seq-length`` above 4096 picks the model's long-window layouts when it has them (Qwen3-8B and
+Qwen3-30B-A3B, for L up to 16384 and up to 32768): context parallelism (``--context-parallel-size``)
+splits the 2L sequence over CP ranks (each holds 2L / CP tokens, the matching zig-zag chunks of both
+halves) and every layer all-gathers the keys and values of the whole 2L sequence over them; TP x CP
+stays inside a node. The global batch keeps the stage's tokens per step (CPT: 64 windows of 16384,
+32 of 32768). The dry run prints the per-GPU estimate, what CP holds per GPU, and the bytes a GPU
+receives per layer from CP's K/V all-gather against TP's collectives. CP needs the SDAR objective,
+a ``--seq-length`` that is a multiple of 2 x CP, and the flex (or auto) attention back end; those are
+checked here, before anything starts (``--extra "--context-parallel-size 1"`` turns CP off).
 
 The converter records the model it read in ``sdar_architecture.json`` beside the checkpoint. When
 ``--init-from`` has one, its block size and mask token id (those of a released SDAR model) are the
@@ -67,6 +89,12 @@ MODELS = {
               "--num-query-groups", "8", "--ffn-hidden-size", "12288",
               "--untie-embeddings-and-output-weights"],
         layouts={1: dict(tp=4, pp=1, ep=1, mbs=1), 2: dict(tp=2, pp=1, ep=1, mbs=1)}, tied=False,
+        # long windows: TP x CP = 8 inside a node (NVLink), data parallelism across nodes; at L = 16384
+        # the activations of all 36 layers fit beside the weights, so no recompute (faster)
+        long_layouts={
+            16384: {n: dict(tp=2, cp=4, mbs=1, recompute="none") for n in (1, 2)},
+            32768: {n: dict(tp=2, cp=4, mbs=1) for n in (1, 2)},
+        },
     ),
     "qwen3-30b-a3b": dict(
         arch=["--num-layers", "48", "--hidden-size", "2048", "--num-attention-heads", "32",
@@ -76,17 +104,74 @@ MODELS = {
               "--moe-token-dispatcher-type", "alltoall"],
         layouts={1: dict(tp=1, pp=2, ep=4, mbs=1), 2: dict(tp=1, pp=2, ep=8, mbs=1),
                  4: dict(tp=1, pp=1, ep=8, mbs=1)}, tied=False,
+        # long windows: attention on TP 2 x CP 4 inside a node, the experts on EP 8 (expert TP 1) inside
+        # a node, data parallelism across nodes; full recompute. One node only at L = 16384: there the
+        # experts have no data-parallel copy to shard their optimizer state over (67 GB per GPU of
+        # weights and optimizer state), and L = 32768 would leave under 6 GB for everything else
+        long_layouts={
+            16384: {n: dict(tp=2, cp=4, ep=8, etp=1, mbs=1) for n in (1, 2, 4)},
+            32768: {n: dict(tp=2, cp=4, ep=8, etp=1, mbs=1) for n in (2, 4)},
+        },
+        long_nodes_why="on one node its experts have no data-parallel copy to shard their optimizer state "
+        "over (67 GB per GPU of weights and optimizer state before any activation)",
     ),
 }  # fmt: skip
 DEFAULT_MASK_TOKEN_ID = 151669  # Qwen3's first unused vocabulary row
+SHORT_WINDOW = 4096  # the stages' window; a model's ``layouts`` are for windows up to it
+GPU_MEMORY_GB = 80  # what the layouts are sized for (A100 / H100 80 GB)
 STAGES = {
     "cpt": dict(seq=4096, block=4, lr=1e-5, min_lr=1e-6, gbs=256, iters=10000, decay="cosine"),
     "sft": dict(seq=4096, block=4, lr=1e-5, min_lr=1e-5, gbs=128, iters=3000, decay="constant"),
 }
 
+AR_LOSS_WEIGHT = 0.5  # the joint loss's W in the wsd-ar recipe (the README's CPU learning runs used it)
+RECIPES = {
+    "released": dict(
+        stages=("cpt", "sft"), schedule=None, flags=[],
+        about="the paper's recipe: a fixed block size",
+    ),
+    "wsd": dict(
+        stages=("cpt", "sft"), schedule="wsd", flags=[],
+        about="block size warmed up from 1 (AR) by doubling to the block size over the first 15% of the "
+        "iterations, then kept (--sdar-block-size-schedule)",
+    ),
+    "wsd-ar": dict(
+        stages=("cpt",), schedule="wsd",
+        flags=["--sdar-ar-loss-weight", str(AR_LOSS_WEIGHT), "--sdar-clean-attention", "causal"],
+        about=f"wsd plus the joint AR + diffusion loss (--sdar-ar-loss-weight {AR_LOSS_WEIGHT} on the "
+        "clean half, which needs --sdar-clean-attention causal): one checkpoint that decodes by blocks "
+        "(tools/generate.py reads the clean attention from the export) and token by token (--mode ar)",
+    ),
+}  # fmt: skip
+
+
+def recipes_text() -> str:
+    """Each recipe, the stages it is for and what it does (``--help``'s epilog, ``--list-recipes``)."""
+    import textwrap
+
+    lines = ["recipes (--recipe NAME):"]
+    for name, recipe in RECIPES.items():
+        text = f"{name:<9} [{'/'.join(recipe['stages'])}] {recipe['about']}"
+        lines += textwrap.wrap(text, 98, initial_indent="  ", subsequent_indent=" " * 12)
+    return "\n".join(lines)
+
+
+class ListRecipes(argparse.Action):
+    """``--list-recipes``: print the recipes and exit (no other argument needed, like ``--help``)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(recipes_text())
+        parser.exit()
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=recipes_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     p.add_argument("--model", choices=sorted(MODELS), required=True)
     p.add_argument("--stage", choices=sorted(STAGES), required=True)
     p.add_argument("--nodes", type=int, default=1)
@@ -97,15 +182,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--tokenizer", help="HF tokenizer directory (default: --init-from/tokenizer)")
     p.add_argument("--save", required=True, help="checkpoints and logs (shared storage)")
-    p.add_argument("--seq-length", type=int, default=None)
+    p.add_argument(
+        "--seq-length", type=int, default=None,
+        help=f"the window L (default: the stage's, {SHORT_WINDOW}); longer windows use the model's "
+        "context-parallel layouts where it has them (qwen3-8b, qwen3-30b-a3b: 16384, 32768)",
+    )  # fmt: skip
     p.add_argument(
         "--block-size", type=int, default=None,
         help="default: the one --init-from's sdar_architecture.json records, else the stage's (4)",
     )  # fmt: skip
     p.add_argument(
+        "--recipe", choices=list(RECIPES), default="released",
+        help="the training recipe (default: released; listed below and by --list-recipes)",
+    )  # fmt: skip
+    p.add_argument("--list-recipes", action=ListRecipes, help="list the recipes and exit")
+    p.add_argument(
         "--block-size-schedule", default=None, metavar="wsd|B:ITER,...",
         help="block size by iteration: 'wsd' (from 1 by doubling to the block size over the first 15%% of "
-        "iterations) or an explicit schedule ending on the block size (default: none, a fixed block size)",
+        "iterations) or an explicit schedule ending on the block size (default: the recipe's; the "
+        "released recipe has none, a fixed block size)",
     )  # fmt: skip
     p.add_argument("--global-batch-size", type=int, default=None)
     p.add_argument("--train-iters", type=int, default=None)
@@ -122,12 +217,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def layout_for(model: str, nodes: int) -> dict:
-    layouts = MODELS[model]["layouts"]
+def window_of(args: argparse.Namespace) -> int:
+    """The window L the run trains on: ``--seq-length`` (one in ``--extra`` wins, as it does for
+    Megatron), else the stage's."""
+    extra = last_value(shlex.split(args.extra), "--seq-length")
+    return int(extra or args.seq_length or STAGES[args.stage]["seq"])
+
+
+def layout_table(model: str, seq: int) -> tuple[int, dict]:
+    """``(window, layouts by node count)`` for an L-token window: the model's layouts for the
+    smallest window listed that holds ``seq`` (``SHORT_WINDOW``: the stage's ``layouts``; longer ones:
+    ``long_layouts``, with context parallelism), the longest listed when none does."""
+    tables = {SHORT_WINDOW: MODELS[model]["layouts"], **MODELS[model].get("long_layouts", {})}
+    holding = [window for window in tables if window >= seq]
+    window = min(holding) if holding else max(tables)
+    return window, tables[window]
+
+
+def layout_for(model: str, nodes: int, seq: int = SHORT_WINDOW) -> dict:
+    """The layout for ``nodes`` nodes and an L = ``seq`` window (the one listed for the most nodes
+    up to ``nodes``), with its defaults filled in: no PP, EP or CP, full recompute, and the global
+    batch of the stage scaled to keep its tokens per step (``gbs_scale``)."""
+    window, layouts = layout_table(model, seq)
     fitting = [n for n in layouts if n <= nodes]
     if not fitting:
-        raise SystemExit(f"error: {model} needs at least {min(layouts)} node(s)")
-    return layouts[max(fitting)]
+        if window == SHORT_WINDOW:
+            raise SystemExit(f"error: {model} needs at least {min(layouts)} node(s)")
+        why = MODELS[model].get("long_nodes_why")
+        raise SystemExit(
+            f"error: {model} at --seq-length {seq} (2L = {2 * seq} tokens) needs at least {min(layouts)} "
+            f"node(s)" + (f": {why}" if why else "") + f"; its layouts for that window are for "
+            f"{', '.join(str(n) for n in sorted(layouts))} node(s)"
+        )
+    layout = {"pp": 1, "ep": 1, "cp": 1, "recompute": "full", "window": window, **layouts[max(fitting)]}
+    layout["gbs_scale"] = SHORT_WINDOW / window  # a long window: fewer windows, same tokens per step
+    return layout
+
+
+def global_batch_size(args: argparse.Namespace, lay: dict) -> int:
+    """``--global-batch-size``, else the stage's, in windows of the layout's length (256 windows of
+    4096 tokens for CPT become 64 of 16384: the same tokens per step)."""
+    return args.global_batch_size or max(1, round(STAGES[args.stage]["gbs"] * lay["gbs_scale"]))
 
 
 def last_value(flags: list[str], name: str, default: str | None = None) -> str | None:
@@ -145,14 +275,29 @@ def last_value(flags: list[str], name: str, default: str | None = None) -> str |
 def layout_flags(args: argparse.Namespace, nodes: int) -> list[str]:
     """The flags that fix the parallel layout on ``nodes`` nodes: the layout, the batch sizes, the
     model's experts, and ``--extra`` (which may override any of them)."""
-    lay = layout_for(args.model, nodes)
-    gbs = args.global_batch_size or STAGES[args.stage]["gbs"]
+    lay = layout_for(args.model, nodes, window_of(args))
     return [
-        *MODELS[args.model]["arch"],
-        "--tensor-model-parallel-size", str(lay["tp"]), "--pipeline-model-parallel-size", str(lay["pp"]),
-        "--expert-model-parallel-size", str(lay["ep"]), "--micro-batch-size", str(lay["mbs"]),
-        "--global-batch-size", str(gbs), *shlex.split(args.extra),
+        *MODELS[args.model]["arch"], *parallel_flags(lay), "--micro-batch-size", str(lay["mbs"]),
+        "--global-batch-size", str(global_batch_size(args, lay)), *shlex.split(args.extra),
     ]  # fmt: skip
+
+
+def parallel_flags(lay: dict) -> list[str]:
+    """Megatron's flags for a layout's model parallelism (CP and expert TP only when set)."""
+    out = ["--tensor-model-parallel-size", str(lay["tp"]), "--pipeline-model-parallel-size", str(lay["pp"]),
+           "--expert-model-parallel-size", str(lay["ep"])]  # fmt: skip
+    if lay["cp"] > 1:
+        out += ["--context-parallel-size", str(lay["cp"])]
+    if "etp" in lay:
+        out += ["--expert-tensor-parallel-size", str(lay["etp"])]
+    return out
+
+
+def recompute_flags(lay: dict) -> list[str]:
+    """Full recompute of every layer (only each layer's input is kept), or none."""
+    if lay["recompute"] == "none":
+        return []
+    return ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
 
 
 def layout_problems(flags: list[str], nodes: int, gpus_per_node: int) -> list[str]:
@@ -195,6 +340,14 @@ def layout_problems(flags: list[str], nodes: int, gpus_per_node: int) -> list[st
     return problems
 
 
+def layout_text(flags: list[str]) -> str:
+    """``TP=2 PP=1 EP=1`` (and ``CP=4`` under context parallelism) as ``flags`` set them."""
+    sizes = [(name, last_value(flags, f"--{flag}-parallel-size", "1"))
+             for name, flag in (("TP", "tensor-model"), ("PP", "pipeline-model"), ("EP", "expert-model"),
+                                ("CP", "context"))]  # fmt: skip
+    return " ".join(f"{name}={value}" for name, value in sizes if name != "CP" or value != "1")
+
+
 def check_layout(args: argparse.Namespace) -> None:
     """Refuse, before Megatron asserts on it, a layout that does not fit ``--nodes`` x
     ``--gpus-per-node``; name node counts where the recipe's layout does fit."""
@@ -202,15 +355,12 @@ def check_layout(args: argparse.Namespace) -> None:
     problems = layout_problems(flags, args.nodes, args.gpus_per_node)
     if not problems:
         return
-    first = min(MODELS[args.model]["layouts"])
+    first = min(layout_table(args.model, window_of(args))[1])
     near = sorted(range(first, max(4 * args.nodes, 8) + 1), key=lambda n: (abs(n - args.nodes), n))
     fits = [n for n in near if n != args.nodes
             and not layout_problems(layout_flags(args, n), n, args.gpus_per_node)][:2]  # fmt: skip
     hint = f"\n(or use --nodes {' or '.join(str(n) for n in sorted(fits))}, where it fits)" if fits else ""
-    sizes = " ".join(
-        f"{name}={last_value(flags, f'--{flag}-parallel-size', '1')}"
-        for name, flag in (("TP", "tensor-model"), ("PP", "pipeline-model"), ("EP", "expert-model"))
-    )
+    sizes = layout_text(flags)
     raise SystemExit(
         f"error: {args.model} {args.stage} does not fit {args.nodes} node(s) x {args.gpus_per_node} GPUs "
         f"with {sizes}:\n  - " + "\n  - ".join(problems) + hint
@@ -312,21 +462,35 @@ def _first_given(*values):
     return next(v for v in values if v is not None)
 
 
+def check_recipe(args: argparse.Namespace) -> None:
+    """Refuse a recipe on a stage it is not for."""
+    stages = RECIPES[args.recipe]["stages"]
+    if args.stage not in stages:
+        others = [name for name, r in RECIPES.items() if args.stage in r["stages"]]
+        raise SystemExit(
+            f"error: --recipe {args.recipe} is for --stage {' or '.join(stages)}, not {args.stage} "
+            f"(recipes for {args.stage}: {', '.join(others)}; --list-recipes describes them)"
+        )
+
+
 def block_size_schedule(args: argparse.Namespace, block: int, iters: int):
-    """The ``--block-size-schedule`` asked for (``None`` without one): ``wsd`` warms up to ``block``
-    over ``iters`` iterations; an explicit schedule must end on ``--block-size`` when that is given."""
-    if args.block_size_schedule is None:
+    """The block-size schedule asked for, ``--block-size-schedule`` or else the recipe's (``None``
+    without one): ``wsd`` warms up to ``block`` over ``iters`` iterations; an explicit schedule must
+    end on ``--block-size`` when that is given."""
+    text = args.block_size_schedule or RECIPES[args.recipe]["schedule"]
+    if text is None:
         return None
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     from megatron_sdar.schedule import BlockSizeSchedule, warmup_schedule
 
     try:
-        if args.block_size_schedule == "wsd":
+        if text == "wsd":
             return warmup_schedule(block, iters)
-        schedule = BlockSizeSchedule.parse(args.block_size_schedule)
+        schedule = BlockSizeSchedule.parse(text)
     except ValueError as err:
-        raise SystemExit(f"error: --block-size-schedule {args.block_size_schedule!r}: {err}") from None
+        where = f"--block-size-schedule {text!r}" if args.block_size_schedule else f"--recipe {args.recipe}"
+        raise SystemExit(f"error: {where}: {err}") from None
     if args.block_size is not None and args.block_size != schedule.final:
         raise SystemExit(
             f"error: --block-size-schedule ends at block size {schedule.final} but --block-size is "
@@ -338,14 +502,15 @@ def block_size_schedule(args: argparse.Namespace, block: int, iters: int):
 
 def pretrain_args(args: argparse.Namespace) -> list[str]:
     model, stage = MODELS[args.model], STAGES[args.stage]
+    check_recipe(args)
     arch = recorded_architecture(args.init_from)
     if arch is not None:
         check_init_architecture(args, arch)
     recorded_block = arch.block_size if arch is not None else None
     recorded_mask = arch.mask_token_id if arch is not None else None
-    lay = layout_for(args.model, args.nodes)
+    seq = window_of(args)
+    lay = layout_for(args.model, args.nodes, seq)
     check_layout(args)
-    seq = args.seq_length or stage["seq"]
     iters = args.train_iters or stage["iters"]
     block = _first_given(args.block_size, recorded_block, stage["block"])
     mask_token_id = _first_given(args.mask_token_id, recorded_mask, DEFAULT_MASK_TOKEN_ID)
@@ -378,16 +543,13 @@ def pretrain_args(args: argparse.Namespace) -> list[str]:
         raise SystemExit(f"error: {args.save} holds no checkpoint to resume; pass --init-from")
     out = [
         *model["arch"], *QWEN3_COMMON,
-        "--tensor-model-parallel-size", str(lay["tp"]), "--pipeline-model-parallel-size", str(lay["pp"]),
-        "--expert-model-parallel-size", str(lay["ep"]),
-        "--seq-length", str(seq), "--micro-batch-size", str(lay["mbs"]),
-        "--global-batch-size", str(args.global_batch_size or stage["gbs"]),
+        *parallel_flags(lay), "--seq-length", str(seq), "--micro-batch-size", str(lay["mbs"]),
+        "--global-batch-size", str(global_batch_size(args, lay)),
         "--train-iters", str(iters), "--lr", str(args.lr or stage["lr"]), "--min-lr", str(stage["min_lr"]),
         "--lr-decay-style", stage["decay"], "--lr-warmup-fraction", "0.03", "--weight-decay", "0.1",
         "--clip-grad", "1.0", "--adam-beta2", "0.95", "--bf16", "--use-distributed-optimizer",
         "--overlap-grad-reduce", "--overlap-param-gather", "--calculate-per-token-loss",
-        "--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1",
-        "--transformer-impl", "transformer_engine", "--cross-entropy-loss-fusion",
+        *recompute_flags(lay), "--transformer-impl", "transformer_engine", "--cross-entropy-loss-fusion",
         "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer,
         "--data-path", *args.data_path, "--save", args.save, "--save-interval", "500",
         "--log-interval", "10", "--tensorboard-dir", os.path.join(args.save, "tensorboard"),
@@ -398,6 +560,7 @@ def pretrain_args(args: argparse.Namespace) -> list[str]:
     ]  # fmt: skip
     if schedule is not None:
         out += ["--sdar-block-size-schedule", str(schedule)]
+    out += RECIPES[args.recipe]["flags"]
     if lay["tp"] > 1:
         out.append("--sequence-parallel")
     if args.stage == "cpt":
@@ -411,17 +574,130 @@ def pretrain_args(args: argparse.Namespace) -> list[str]:
             "--wandb-exp-name",
             os.path.basename(args.save.rstrip("/")),
         ]
-    return out + shlex.split(args.extra)
+    out += shlex.split(args.extra)
+    problems = context_parallel_problems(out)
+    if len(problems) == 1:
+        raise SystemExit(f"error: {problems[0]}")
+    if problems:
+        raise SystemExit("error: context parallelism:\n  - " + "\n  - ".join(problems))
+    return out
 
 
-def memory_estimate(args: argparse.Namespace, flags: list[str]) -> dict:
-    """Per-GPU memory (GB) on the first pipeline stage.
+def context_parallel_problems(flags: list[str]) -> list[str]:
+    """What the SDAR checks (``megatron_sdar.training.arguments.context_parallel_problems``) would
+    refuse in ``flags`` under ``--context-parallel-size`` > 1, said before anything starts, each
+    naming the number or flag to change."""
+    cp = int(last_value(flags, "--context-parallel-size", "1"))
+    if cp == 1:
+        return []
+    seq = int(last_value(flags, "--seq-length", str(SHORT_WINDOW)))
+    problems = []
+    if seq % (2 * cp):
+        lower = seq - seq % (2 * cp)
+        sizes = " or ".join(str(v) for v in (lower, lower + 2 * cp) if v > 0)
+        problems.append(
+            f"--seq-length {seq} does not split over --context-parallel-size {cp}: the window is cut into "
+            f"2 x CP = {2 * cp} equal chunks (two per rank, zig-zag), so --seq-length must be a multiple "
+            f"of {2 * cp}: use --seq-length {sizes} (or a CP whose double divides {seq})"
+        )
+    if last_value(flags, "--sdar-objective", "sdar") != "sdar":
+        problems.append(
+            f"--sdar-objective {last_value(flags, '--sdar-objective')} with --context-parallel-size {cp}: "
+            "context parallelism splits the SDAR objective's [x_t ; x_0] sequence and the AR baseline runs "
+            "without it; add --context-parallel-size 1 to --extra (the layout for this window sets "
+            f"CP={cp}), or train the SDAR objective"
+        )
+    if last_value(flags, "--sdar-attention-backend", "auto") == "split":
+        problems.append(f"--sdar-attention-backend split does not support context parallelism: use flex "
+                        f"(or auto) with --context-parallel-size {cp}")  # fmt: skip
+    if last_value(flags, "--cp-comm-type", "p2p") not in ("p2p", "all_gather"):
+        problems.append(f"--cp-comm-type {last_value(flags, '--cp-comm-type')}: SDAR attention all-gathers "
+                        "keys and values over the context-parallel group; pass all_gather or leave the "
+                        "default (p2p)")  # fmt: skip
+    return problems
 
-    Weights, gradients and optimizer state come from Megatron's theoretical estimator. Activations
-    are counted for what SDAR runs, 2L tokens per sample with full recompute: each layer's stored
-    input (split by sequence parallelism), one layer's working set (Megatron's per-layer formula),
-    times the micro-batches in flight under 1F1B, plus the fp32 logits of the noised half.
+
+GB = 1024**3  # the estimates' unit (GiB)
+
+
+def activation_memory(
+    *,
+    seq: int,
+    mbs: int,
+    hidden: int,
+    ffn: int,
+    layers: int,
+    pp: int = 1,
+    tp: int = 1,
+    cp: int = 1,
+    sequence_parallel: bool = False,
+    query_groups: int,
+    head_dim: int,
+    vocab: int,
+    recompute: str = "full",
+    halves: int = 1,
+    topk: int = 0,
+) -> dict:
+    """Activation bytes per GPU on the first pipeline stage for an L = ``seq`` window, by part.
+
+    Each GPU holds ``2L x mbs / CP`` tokens of ``[x_t ; x_0]`` (its two zig-zag chunks of both
+    halves), split again by TP under sequence parallelism. A layer's working set is Megatron's
+    per-layer formula (``18 + 4 ffn / h`` bytes per token and hidden unit, no attention-score term:
+    the flex kernel keeps none) plus, for MoE, the ``topk`` copies of each routed token (the experts'
+    inputs and outputs, ``4 topk``). Under context parallelism each layer also all-gathers the bf16
+    keys and values of the whole 2L sequence (``kv_groups / TP x head_dim`` wide), which no split
+    shrinks:
+
+    * ``recompute="full"`` (what the recipes set unless a layout says ``none``): every layer's bf16
+      input is kept (``layers``, for each of the PP micro-batches in flight under 1F1B) and one layer
+      is recomputed at a time, so its working set and its gathered K/V are transient: one layer's
+      gathered K/V plus, in its backward, their gradients before the reduce-scatter (2 x the K/V).
+    * ``recompute="none"``: every layer's working set and every layer's gathered K/V are held for the
+      backward (times the micro-batches in flight), plus one layer's K/V gradients.
+
+    The output layer's fp32 logits and their gradient cover this GPU's noised tokens (and its clean
+    tokens under the joint AR loss, ``halves=2``), vocabulary-split by TP.
     """
+    tokens = 2 * seq * mbs / cp  # this GPU's share of [x_t ; x_0]
+    sp = tp if sequence_parallel else 1
+    here = layers // pp
+    per_token = 18 + 4 * ffn / hidden + 4 * topk
+    if sequence_parallel:
+        layer = tokens * hidden * per_token / tp
+    else:  # the norms' inputs and the residual stream are whole on every TP rank
+        layer = tokens * hidden * (10 + (per_token - 10) / tp)
+    kv = 2 * (2 * seq * mbs) * max(1.0, query_groups / tp) * head_dim * 2 if cp > 1 else 0.0
+    if recompute == "full":
+        kept = here * tokens * hidden * 2 / sp
+        layers_bytes, kv_bytes = kept * pp + layer, 2 * kv
+    elif recompute == "none":
+        layers_bytes, kv_bytes = here * layer * pp, (here * pp + 1) * kv
+    else:
+        raise ValueError(f"recompute is 'full' or 'none', got {recompute!r}")
+    logits = 2 * halves * (tokens / 2) * (vocab / tp) * 4
+    return {"layers": layers_bytes, "kv_gather": kv_bytes, "logits": logits,
+            "total": layers_bytes + kv_bytes + logits}  # fmt: skip
+
+
+def communication_per_layer(
+    *, seq: int, mbs: int, hidden: int, tp: int, cp: int, query_groups: int, head_dim: int
+) -> dict:
+    """Bytes each GPU receives per layer in the forward (the backward moves as much again): the CP
+    all-gather of the other ranks' bf16 keys and values of the 2L sequence (``(CP-1)/CP x 2L x 2 x
+    kv_groups/TP x head_dim x 2``; the backward reduce-scatters their gradients), and TP's two
+    all-gathers and two reduce-scatters of the ``2L / CP`` token activations under sequence
+    parallelism (the same volume as its two all-reduces without it)."""
+    kv = 2 * (2 * seq * mbs) * max(1.0, query_groups / tp) * head_dim * 2
+    tokens = 2 * seq * mbs / cp
+    return {"cp_kv_all_gather": (cp - 1) / cp * kv, "tp": 4 * (tp - 1) / tp * tokens * hidden * 2}
+
+
+def megatron_args(args: argparse.Namespace, flags: list[str]) -> argparse.Namespace:
+    """``flags`` as Megatron parses and validates them for ``--nodes x --gpus-per-node`` GPUs, with
+    ``data_parallel_size`` set to the data-parallel size *with* context parallelism (``DP x CP``): the
+    group Megatron's distributed optimizer shards the dense parameters' state over. The validation's
+    probe of the local GPU (for TP or CP > 1) is answered as a Hopper, which needs
+    ``CUDA_DEVICE_MAX_CONNECTIONS=1`` as the launch scripts set it."""
     import contextlib
     import io
 
@@ -429,42 +705,62 @@ def memory_estimate(args: argparse.Namespace, flags: list[str]) -> dict:
     from megatron_sdar import compat
 
     compat.ignore_known_warnings()  # the megatron-core / torch notices named there, nothing else
-    from megatron.training.arguments import parse_args as megatron_parse_args
-    from megatron.training.arguments import validate_args
-    from megatron.training.theoretical_memory_usage import compute_weight_and_optimizer_memory
+    import megatron.training.arguments as megatron_arguments
 
     import pretrain_sdar
 
-    saved = sys.argv, dict(os.environ)
-    os.environ.update(WORLD_SIZE=str(args.nodes * args.gpus_per_node), RANK="0")
-    # (sequence parallelism is accounted below; Megatron's validation of it probes the GPU)
-    sys.argv = ["pretrain_sdar.py", *[f for f in flags if f not in ("--finetune", "--sequence-parallel")]]
+    saved = sys.argv, dict(os.environ), megatron_arguments.get_device_arch_version
+    world = args.nodes * args.gpus_per_node
+    os.environ.update(WORLD_SIZE=str(world), RANK="0", CUDA_DEVICE_MAX_CONNECTIONS="1")
+    sys.argv = ["pretrain_sdar.py", *[f for f in flags if f != "--finetune"]]
+    megatron_arguments.get_device_arch_version = lambda: 9
     try:
-        parsed = megatron_parse_args(pretrain_sdar._extra_args)
+        parsed = megatron_arguments.parse_args(pretrain_sdar._extra_args)
         parsed.padded_vocab_size = 151936
-        tp_size = parsed.tensor_model_parallel_size
-        parsed.tensor_model_parallel_size = 1  # Megatron validates TP > 1 against the local GPU
         with contextlib.redirect_stdout(io.StringIO()):
-            validate_args(parsed, {})
-            parsed.tensor_model_parallel_size = tp_size
-            parsed.expert_tensor_parallel_size = tp_size
-            parsed.data_parallel_size //= tp_size
-            weights = compute_weight_and_optimizer_memory(parsed)
+            megatron_arguments.validate_args(parsed, {})
     finally:
         sys.argv = saved[0]
         os.environ.clear()
         os.environ.update(saved[1])
-    tp, pp = parsed.tensor_model_parallel_size, parsed.pipeline_model_parallel_size
-    tokens = 2 * parsed.seq_length * parsed.micro_batch_size  # [x_t ; x_0]
-    h, layers = parsed.hidden_size, parsed.num_layers // pp
-    split = tp if tp > 1 else 1  # sequence parallelism whenever TP > 1
-    stored = layers * tokens * h * 2 / split  # bf16 layer inputs kept for recompute
-    working = tokens * h * (10 + 24 / tp)  # one layer recomputed at a time
-    logits = 2 * (tokens // 2) * (parsed.padded_vocab_size / tp) * 4  # noised-half fp32 logits + grad
-    activations = (stored + working) * pp + logits
-    gb = 1024**3
-    return {"weights_and_optimizer_gb": weights / gb, "activations_gb": activations / gb,
-            "total_gb": (weights + activations) / gb}  # fmt: skip
+        megatron_arguments.get_device_arch_version = saved[2]
+    parsed.data_parallel_size *= parsed.context_parallel_size  # DP x CP
+    return parsed
+
+
+def memory_estimate(args: argparse.Namespace, flags: list[str]) -> dict:
+    """Per-GPU memory (GB) on the first pipeline stage.
+
+    Weights, gradients and optimizer state come from Megatron's theoretical estimator: the weights
+    are split by TP, PP and (experts) EP x expert TP, never by CP; the distributed optimizer shards
+    the fp32 state of the dense weights over DP x CP (Megatron's data-parallel group with context
+    parallelism) and that of the experts over the expert data-parallel group. Activations are
+    :func:`activation_memory`'s for what SDAR runs, 2L tokens per sample, with the recompute the
+    flags set (``--recompute-granularity full``, else none). Also returns
+    :func:`communication_per_layer`'s figures.
+    """
+    from megatron.training.theoretical_memory_usage import compute_weight_and_optimizer_memory
+
+    parsed = megatron_args(args, flags)
+    weights = compute_weight_and_optimizer_memory(parsed)
+    tp, cp = parsed.tensor_model_parallel_size, parsed.context_parallel_size
+    recompute = "full" if last_value(flags, "--recompute-granularity") == "full" else "none"
+    shape = dict(seq=parsed.seq_length, mbs=parsed.micro_batch_size, hidden=parsed.hidden_size,
+                 query_groups=parsed.num_query_groups, head_dim=parsed.kv_channels)  # fmt: skip
+    topk = parsed.moe_router_topk if parsed.num_experts else 0
+    ffn = parsed.moe_ffn_hidden_size * topk if parsed.num_experts else parsed.ffn_hidden_size
+    halves = 2 if getattr(parsed, "sdar_ar_loss_weight", 0.0) else 1  # the AR loss scores x_0 too
+    act = activation_memory(**shape, ffn=ffn, layers=parsed.num_layers,
+                            pp=parsed.pipeline_model_parallel_size, tp=tp, cp=cp,
+                            sequence_parallel="--sequence-parallel" in flags, vocab=parsed.padded_vocab_size,
+                            recompute=recompute, halves=halves, topk=topk)  # fmt: skip
+    comm = communication_per_layer(**shape, tp=tp, cp=cp)
+    return {"weights_and_optimizer_gb": weights / GB, "activations_gb": act["total"] / GB,
+            "kv_gather_gb": act["kv_gather"] / GB, "logits_gb": act["logits"] / GB,
+            "total_gb": (weights + act["total"]) / GB, "recompute": recompute,
+            "tokens_per_gpu": 2 * parsed.seq_length * parsed.micro_batch_size // cp,
+            "cp_kv_all_gather_mb": comm["cp_kv_all_gather"] / 1024**2,
+            "tp_mb": comm["tp"] / 1024**2}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -478,13 +774,36 @@ def main(argv: list[str] | None = None) -> dict:
         os.path.join(ROOT, "pretrain_sdar.py"), *flags,
     ]  # fmt: skip
     memory = memory_estimate(args, flags)
-    lay = layout_for(args.model, args.nodes)
-    print(f"# {args.model} {args.stage} on {args.nodes} x {args.gpus_per_node} GPUs: TP={lay['tp']} "
-          f"PP={lay['pp']} EP={lay['ep']}; estimated {memory['total_gb']:.1f} GB per GPU "
+    cp = int(last_value(flags, "--context-parallel-size", "1"))
+    print(f"# {args.model} {args.stage} on {args.nodes} x {args.gpus_per_node} GPUs: {layout_text(flags)}; "
+          f"estimated {memory['total_gb']:.1f} GB per GPU "
           f"({memory['weights_and_optimizer_gb']:.1f} weights+optimizer, "
           f"{memory['activations_gb']:.1f} activations)")  # fmt: skip
+    if memory["total_gb"] > GPU_MEMORY_GB:
+        print(f"# warning: the estimate exceeds {GPU_MEMORY_GB} GB per GPU; use more nodes, a layout with "
+              "more parallelism, or a shorter --seq-length")  # fmt: skip
+    if cp > 1:
+        seq = int(last_value(flags, "--seq-length"))
+        recompute = "full" if memory["recompute"] == "full" else "no"
+        print(f"# context parallelism: CP={cp} splits the 2L = {2 * seq}-token sequence into "
+              f"{memory['tokens_per_gpu']} tokens per GPU; {recompute} recompute, "
+              f"{memory['kv_gather_gb']:.2f} GB of gathered K/V ("
+              + ("one layer at a time" if memory["recompute"] == "full" else "every layer's, held for "
+                 "backward") + f"), {memory['logits_gb']:.1f} GB of logits")  # fmt: skip
+        print(f"# communication per layer per GPU (forward; the backward as much again): CP K/V all-gather "
+              f"{memory['cp_kv_all_gather_mb']:.0f} MB received vs TP all-gather/reduce-scatter "
+              f"{memory['tp_mb']:.0f} MB")  # fmt: skip
+    if last_value(flags, "--sdar-block-size-schedule") is not None or args.recipe != "released":
+        schedule = last_value(flags, "--sdar-block-size-schedule")
+        weight = float(last_value(flags, "--sdar-ar-loss-weight", "0"))
+        print(f"# recipe {args.recipe}: "
+              + (f"block size schedule {schedule}" if schedule else "fixed block size")
+              + (f", joint AR loss weight {weight:g}" if weight else ""))  # fmt: skip
     print(shlex.join(cmd))
     if not args.dry_run:
+        split = [int(last_value(flags, f"--{n}-parallel-size", "1")) for n in ("tensor-model", "context")]
+        if max(split) > 1:  # Megatron asserts it for TP or CP (before Blackwell); the scripts export it too
+            os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         os.execvp(cmd[0], cmd)
     return {"command": cmd, "memory": memory}
 

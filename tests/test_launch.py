@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -324,3 +325,373 @@ def test_missing_or_empty_init_from_is_refused_before_launch(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"^error: --init-from \S*empty holds no Megatron checkpoint"):
         launch.main([*argv, "--init-from", str(tmp_path / "empty"), "--print-args"])
     assert capsys.readouterr().out == ""
+
+
+# --- recipes: the block-size schedule and the joint AR loss for CPT -----------------------------------
+
+LLADA = "1:0,4:2000,32:6000,8:9000"  # LLaDA2.0-style: warm up, keep, decay to the decoding block size
+
+
+def validated(monkeypatch, flags: list[str]):
+    """``flags`` as pretrain_sdar.py parses them, after the SDAR checks (which raise on a problem)."""
+    from megatron.training.arguments import parse_args
+
+    import megatron_sdar.training.arguments as arguments
+    import pretrain_sdar
+
+    monkeypatch.setattr(arguments, "_importable", lambda module: True)  # the NGC image has TE and Apex
+    monkeypatch.setattr(sys, "argv", ["pretrain_sdar.py", *flags])
+    args = parse_args(pretrain_sdar._extra_args)
+    arguments.validate_sdar_args(args, vocab_size=151936, special_tokens={"end-of-document": 151643})
+    return args
+
+
+@pytest.mark.parametrize("model", sorted(launch.MODELS))
+def test_wsd_ar_recipe_parses_and_validates(model, tmp_path, monkeypatch, init):
+    """The CPT recipe with the block-size warmup and the joint AR + diffusion loss: the schedule ends
+    on the decoding block size, the clean half is token-causal, and the SDAR checks accept it."""
+    nodes = min(launch.MODELS[model]["layouts"])
+    flags = flags_for(model, "cpt", nodes, tmp_path / "run", init, "--recipe", "wsd-ar")
+    args = validated(monkeypatch, flags)
+    assert args.sdar_block_size_schedule == "1:0,2:500,4:1500" and args.sdar_block_size == 4
+    assert args.sdar_ar_loss_weight == 0.5 and args.sdar_clean_attention == "causal"
+    assert args.sdar_document_mask == "separate" and args.sdar_stage == "cpt"
+    assert args.finetune and args.load == init
+
+
+def test_recipes_combine_with_explicit_schedules_and_extra_flags(tmp_path, monkeypatch, init):
+    def recipe(*more: str, stage: str = "cpt") -> list[str]:
+        return flags_for("qwen3-1.7b", stage, 1, tmp_path / "run", init, *more)
+
+    # released (the default) is the paper's recipe: no schedule, no joint loss
+    assert recipe() == recipe("--recipe", "released")
+    assert "--sdar-block-size-schedule" not in recipe() and "--sdar-ar-loss-weight" not in recipe()
+    wsd = recipe("--recipe", "wsd", stage="sft")
+    assert flag(wsd, "--sdar-block-size-schedule") == "1:0,2:150,4:450" and "--sdar-ar-loss-weight" not in wsd
+    # an explicit schedule replaces the recipe's; its last block size is the decoding one
+    args = validated(monkeypatch, recipe("--recipe", "wsd-ar", "--block-size-schedule", LLADA))
+    assert (args.sdar_block_size_schedule, args.sdar_block_size, args.sdar_ar_loss_weight) == (LLADA, 8, 0.5)
+    # --extra comes last and wins: a weight of its own, complementary masks (even micro-batches)
+    args = validated(monkeypatch, recipe("--recipe", "wsd-ar", "--extra",
+                                         "--sdar-ar-loss-weight 1.0 --sdar-complementary-masks "
+                                         "--micro-batch-size 2"))  # fmt: skip
+    assert args.sdar_ar_loss_weight == 1.0 and args.sdar_complementary_masks and args.micro_batch_size == 2
+    assert args.sdar_clean_attention == "causal"
+    # the recipe sets the clean attention the joint loss needs; without it the SDAR checks refuse
+    from megatron_sdar.training.arguments import SettingsError
+
+    with pytest.raises(SettingsError, match="Pass --sdar-clean-attention causal"):
+        validated(monkeypatch, recipe("--block-size-schedule", "wsd", "--extra", "--sdar-ar-loss-weight 0.5"))
+    with pytest.raises(SystemExit, match=r"--recipe wsd-ar is for --stage cpt, not sft \(recipes for sft: "
+                                         r"released, wsd; --list-recipes"):  # fmt: skip
+        recipe("--recipe", "wsd-ar", stage="sft")
+    with pytest.raises(SystemExit, match="ends at block size 8 but --block-size is 4"):
+        recipe("--recipe", "wsd-ar", "--block-size-schedule", LLADA, "--block-size", "4")
+
+
+@pytest.mark.parametrize("option", ["--list-recipes", "--list", "--help"])
+def test_recipes_are_listed(option, capsys):
+    """``--list-recipes`` (or ``--list``) needs no other argument; ``--help`` ends with the same list."""
+    with pytest.raises(SystemExit) as done:
+        launch.parse_args([option])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    listed = printed[printed.index("recipes (--recipe NAME):") :]
+    assert listed.strip() == launch.recipes_text()
+    for name, recipe in launch.RECIPES.items():
+        assert re.search(rf"^  {re.escape(name)} +\[{'/'.join(recipe['stages'])}\] ", listed, re.M), name
+    assert "[cpt] wsd plus the joint AR + diffusion loss" in listed
+
+
+def test_memory_estimate_counts_the_clean_half_logits_under_the_joint_loss(tmp_path, capsys, init):
+    def dry_run(*more: str) -> dict:
+        argv = ["--model", "qwen3-1.7b", "--stage", "cpt", "--init-from", init, "--data-path", "/data/x",
+                "--save", str(tmp_path / "run"), "--dry-run", *more]  # fmt: skip
+        return launch.main(argv)["memory"]
+
+    released, joint = dry_run(), dry_run("--recipe", "wsd-ar")
+    printed = capsys.readouterr().out
+    assert "# recipe wsd-ar: block size schedule 1:0,2:500,4:1500, joint AR loss weight 0.5" in printed
+    assert joint["weights_and_optimizer_gb"] == released["weights_and_optimizer_gb"]
+    clean_logits = 2 * 4096 * 2 * 151936 * 4 / 1024**3  # micro-batch 2 x L clean tokens, fp32 + grad
+    assert joint["activations_gb"] - released["activations_gb"] == pytest.approx(clean_logits)
+
+
+def run_script(script: str, tmp_path: Path, init: str, python: str | None = None, **env_vars: str):
+    """Run ``examples/run_single_node.sh`` or ``examples/slurm/sdar.sbatch`` (with stub ``srun`` /
+    ``scontrol``; ``python`` replaces the interpreter when given) for a qwen3-1.7b CPT run."""
+    stubs = {"scontrol": "echo node-a"}
+    if python is not None:
+        stubs["python"] = python
+    env = dict(os.environ, MODEL="qwen3-1.7b", STAGE="cpt", DATA_PATH="/data/x", SAVE=str(tmp_path / "run"),
+               INIT_FROM=init, GPUS="8", IMAGE="image.sqsh", SLURM_JOB_NODELIST="node-a", SLURM_NNODES="1",
+               SLURM_JOB_ID="7", SLURM_GPUS_PER_NODE="8")  # fmt: skip
+    for name in ("DRY_RUN", "RECIPE", "BLOCK_SIZE", "BLOCK_SIZE_SCHEDULE", "EXTRA"):
+        env.pop(name, None)
+    # srun: drop its own options and run the task command here, as rank 0 of one task per GPU
+    stubs["srun"] = (f'while [[ "$1" == --* ]]; do shift; done; cd {shlex.quote(str(ROOT))} && '
+                     'SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NTASKS=8 exec "$@"')  # fmt: skip
+    env["PATH"] = stub_commands(tmp_path / "bin", **stubs)
+    env.update(env_vars)
+    return subprocess.run(["bash", str(ROOT / script)], env=env, capture_output=True, text=True, timeout=300)
+
+
+SCRIPTS = ["examples/run_single_node.sh", "examples/slurm/sdar.sbatch"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_pass_recipe_block_size_schedule_and_extra_to_launch(script, tmp_path, init):
+    """RECIPE, BLOCK_SIZE, BLOCK_SIZE_SCHEDULE and EXTRA reach launch.py as its flags, each one word
+    (``python`` is a stub that writes launch.py's arguments one per line)."""
+    calls = tmp_path / "python-args"
+    stub = f'if [[ "$1" == examples/launch.py ]]; then printf "%s\\n" "$@" > {calls}; fi'
+    proc = run_script(script, tmp_path, init, python=stub, RECIPE="wsd-ar",
+                      BLOCK_SIZE="8", BLOCK_SIZE_SCHEDULE=LLADA,
+                      EXTRA="--sdar-complementary-masks --micro-batch-size 2")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    argv = calls.read_text().splitlines()
+    assert argv[0] == "examples/launch.py"
+    for name, value in [("--recipe", "wsd-ar"), ("--block-size", "8"), ("--block-size-schedule", LLADA),
+                        ("--extra", "--sdar-complementary-masks --micro-batch-size 2")]:  # fmt: skip
+        assert flag(argv, name) == value, (name, argv)
+    # none of them set: launch.py's defaults
+    proc = run_script(script, tmp_path, init, python=stub)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    argv = calls.read_text().splitlines()
+    assert not {"--recipe", "--block-size", "--block-size-schedule", "--extra"} & set(argv)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize(
+    "setting, value, message",
+    [
+        ("RECIPE", "wsd_ar", "error: RECIPE must be {recipes} (python examples/launch.py --list-recipes), "
+                             "got 'wsd_ar'"),
+        ("BLOCK_SIZE", "0", "error: BLOCK_SIZE must be a positive whole number, got '0'"),
+        ("BLOCK_SIZE_SCHEDULE", "1:0, 4:10", "error: BLOCK_SIZE_SCHEDULE must be wsd or B:ITER,... "
+                                             "(e.g. 1:0,4:2000,32:6000,8:9000), got '1:0, 4:10'"),
+        ("BLOCK_SIZE_SCHEDULE", "fast", "got 'fast'"),
+    ],
+    ids=["recipe", "block-size", "schedule-spaces", "schedule-word"],
+)  # fmt: skip
+def test_scripts_refuse_a_bad_recipe_setting_before_launching(
+    script, setting, value, message, tmp_path, init
+):
+    """Checked on the host that runs the script (for SLURM: before any task starts); the recipe names
+    are launch.py's."""
+    names = list(launch.RECIPES)
+    recipes = ", ".join(names[:-1]) + f" or {names[-1]}"
+    started = tmp_path / "started"
+    proc = run_script(script, tmp_path, init, python=f"touch {started}", **{setting: value})
+    assert proc.returncode == 1 and message.format(recipes=recipes) in proc.stderr, proc.stderr
+    assert not started.exists()
+
+
+def test_sbatch_recipe_reaches_pretrain_sdar_and_validates(tmp_path, monkeypatch, init):
+    """The batch script's tasks run ``launch.py --print-args`` and eval its output into the
+    pretrain_sdar.py command line: the schedule and EXTRA's flags survive that quoting, and the
+    command passes the SDAR checks."""
+    calls = tmp_path / "pretrain-args"
+    python = (f'if [[ "$1" == pretrain_sdar.py ]]; then printf "%s\\n" "$@" > {calls}; '
+              f'else exec {shlex.quote(sys.executable)} "$@"; fi')  # fmt: skip
+    proc = run_script("examples/slurm/sdar.sbatch", tmp_path, init, python=python, RECIPE="wsd-ar",
+                      BLOCK_SIZE_SCHEDULE=LLADA,
+                      EXTRA="--sdar-complementary-masks --micro-batch-size 2")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    flags = calls.read_text().splitlines()[1:]
+    args = validated(monkeypatch, flags)
+    assert (args.sdar_block_size_schedule, args.sdar_block_size) == (LLADA, 8)
+    assert args.sdar_ar_loss_weight == 0.5 and args.sdar_clean_attention == "causal"
+    assert args.sdar_complementary_masks and args.micro_batch_size == 2
+
+
+def test_single_node_script_dry_run_with_the_wsd_ar_recipe(tmp_path, init):
+    """The single-node script's dry run with RECIPE=wsd-ar prints a command with the schedule and the
+    joint loss (the real launch.py, no GPU)."""
+    proc = run_script("examples/run_single_node.sh", tmp_path, init, RECIPE="wsd-ar", DRY_RUN="1",
+                      PYTHONPATH=str(ROOT))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "# recipe wsd-ar: block size schedule 1:0,2:500,4:1500, joint AR loss weight 0.5" in proc.stdout
+    command = shlex.split(proc.stdout.splitlines()[-1])
+    assert command[:2] == ["torchrun", "--nnodes"]
+    assert flag(command, "--sdar-block-size-schedule") == "1:0,2:500,4:1500"
+    assert flag(command, "--sdar-ar-loss-weight") == "0.5"
+    assert flag(command, "--sdar-clean-attention") == "causal"
+
+
+# --- long windows with context parallelism -----------------------------------------------------------
+
+LONG = [
+    (model, window, nodes)
+    for model, spec in sorted(launch.MODELS.items())
+    for window, table in sorted(spec.get("long_layouts", {}).items())
+    for nodes in sorted(table)
+]
+
+
+def long_flags(tmp_path: Path, init: str, model: str, window: int, nodes: int, stage: str = "cpt",
+               *more: str) -> list[str]:  # fmt: skip
+    return flags_for(model, stage, nodes, tmp_path / "run", init, "--seq-length", str(window), *more)
+
+
+def test_long_layouts_are_shipped_for_8b_and_30b_a3b():
+    windows = {model: sorted(spec.get("long_layouts", {})) for model, spec in launch.MODELS.items()}
+    assert windows["qwen3-8b"] == windows["qwen3-30b-a3b"] == [16384, 32768]
+    assert {(m, n) for m, _, n in LONG} >= {("qwen3-8b", 1), ("qwen3-8b", 2), ("qwen3-30b-a3b", 2)}
+
+
+@pytest.mark.parametrize("model, window, nodes", LONG)
+@pytest.mark.parametrize("stage", ["cpt", "sft"])
+@pytest.mark.filterwarnings("ignore:Please specify --split")  # SFT windows come from their own splits
+def test_long_window_commands_pass_megatron_and_sdar_validation(model, window, nodes, stage, tmp_path,
+                                                                 monkeypatch, init):  # fmt: skip
+    """The CP layouts' commands through Megatron's parser and its whole validation (the GPU probe
+    answered as a Hopper) for the real world size, then the SDAR checks (CP's among them)."""
+    import megatron.training.arguments as megatron_arguments
+
+    flags = long_flags(tmp_path, init, model, window, nodes, stage)
+    monkeypatch.setenv("WORLD_SIZE", str(8 * nodes))  # read by Megatron's parser
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # Megatron's rule for TP or CP on Hopper
+    args = validated(monkeypatch, flags)
+    monkeypatch.setattr(megatron_arguments, "get_device_arch_version", lambda: 9)
+    megatron_arguments.validate_args(args, {})
+    lay = launch.MODELS[model]["long_layouts"][window][nodes]
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    assert (args.seq_length, tp, cp) == (window, lay["tp"], lay["cp"]) and cp > 1
+    assert args.data_parallel_size == 8 * nodes // (tp * cp * args.pipeline_model_parallel_size)
+    assert tp * cp <= 8  # TP and CP groups inside a node
+    assert args.sequence_parallel and args.sdar_objective == "sdar"
+    assert args.seq_length % (2 * cp * args.sdar_block_size) == 0
+    assert args.recompute_granularity == (None if lay.get("recompute") == "none" else "full")
+    # the global batch keeps the stage's tokens per step
+    assert args.global_batch_size * window == launch.STAGES[stage]["gbs"] * launch.SHORT_WINDOW
+    if model == "qwen3-30b-a3b":
+        assert (args.expert_model_parallel_size, args.expert_tensor_parallel_size) == (8, 1)
+    assert launch.layout_problems(launch.layout_flags(launch.parse_args(
+        ["--model", model, "--stage", stage, "--nodes", str(nodes), "--seq-length", str(window),
+         "--data-path", "d", "--save", "s"]), nodes), nodes, 8) == []  # fmt: skip
+
+
+def test_the_window_picks_the_layout(tmp_path, init):
+    """The smallest listed window that holds --seq-length (one in --extra wins); models without
+    long-window layouts keep theirs; 30B-A3B at L = 32768 needs two nodes."""
+    flags = long_flags(tmp_path, init, "qwen3-8b", 8192, 1)
+    assert flag(flags, "--context-parallel-size") == "4" and flag(flags, "--seq-length") == "8192"
+    extra = flags_for("qwen3-8b", "cpt", 2, tmp_path / "run", init, "--extra", "--seq-length 32768")
+    assert flag(extra, "--context-parallel-size") == "4" and "--recompute-granularity" in extra
+    assert launch.last_value(extra, "--seq-length") == "32768" and flag(extra, "--global-batch-size") == "32"
+    short = flags_for("qwen3-8b", "cpt", 1, tmp_path / "run", init)
+    assert "--context-parallel-size" not in short and flag(short, "--global-batch-size") == "256"
+    small = flags_for("qwen3-1.7b", "cpt", 1, tmp_path / "run", init, "--seq-length", "16384")
+    assert "--context-parallel-size" not in small
+    with pytest.raises(SystemExit, match=r"^error: qwen3-30b-a3b at --seq-length 32768 \(2L = 65536 tokens\) "
+                                         r"needs at least 2 node\(s\): on one node its experts have no "
+                                         r"data-parallel copy"):  # fmt: skip
+        long_flags(tmp_path, init, "qwen3-30b-a3b", 32768, 1)
+
+
+def test_context_parallelism_refusals_name_the_fix(tmp_path, monkeypatch, init):
+    """CP with the AR objective, or a window that does not cut into 2 x CP chunks, is refused by
+    launch.py before anything starts; the SDAR checks refuse the same commands (launch.py says it
+    first), and the fix the message names passes them."""
+    from megatron_sdar.training.arguments import SettingsError
+
+    cases = [
+        (["--extra", "--sdar-objective ar"], r"^error: --sdar-objective ar with --context-parallel-size 4: "
+         r"context parallelism splits the SDAR objective's \[x_t ; x_0\] sequence and the AR baseline runs "
+         r"without it; add --context-parallel-size 1 to --extra"),
+        (["--seq-length", "16388"], r"^error: --seq-length 16388 does not split over "
+         r"--context-parallel-size 4: the window is cut into 2 x CP = 8 equal chunks \(two per rank, "
+         r"zig-zag\), so --seq-length must be a multiple of 8: use --seq-length 16384 or 16392"),
+        (["--extra", "--seq-length 16388"], r"^error: --seq-length 16388 does not split"),
+    ]  # fmt: skip
+    for more, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            long_flags(tmp_path, init, "qwen3-8b", 16384, 1, "cpt", *more)
+        with monkeypatch.context() as m:  # without launch.py's check: the SDAR checks stop it
+            m.setattr(launch, "context_parallel_problems", lambda flags: [])
+            with pytest.raises(SettingsError, match="context-parallel"):
+                validated(monkeypatch, long_flags(tmp_path, init, "qwen3-8b", 16384, 1, "cpt", *more))
+    with pytest.raises(SystemExit, match=r"^error: --sdar-attention-backend split does not support context"):
+        long_flags(tmp_path, init, "qwen3-8b", 16384, 1, "cpt", "--extra", "--sdar-attention-backend split")
+    with pytest.raises(SystemExit, match=r"^error: context parallelism:\n  - --seq-length 16388 does not "
+                                         r"split.*\n  - --sdar-attention-backend split"):  # fmt: skip
+        long_flags(tmp_path, init, "qwen3-8b", 16388, 1, "cpt", "--extra", "--sdar-attention-backend split")
+    # the fix the message names: the AR baseline at this window without CP
+    args = validated(monkeypatch, long_flags(tmp_path, init, "qwen3-8b", 16384, 1, "cpt", "--extra",
+                                             "--sdar-objective ar --context-parallel-size 1"))  # fmt: skip
+    assert (args.sdar_objective, args.context_parallel_size) == ("ar", 1)
+
+
+def shape(**more) -> dict:
+    """Qwen3-8B's shape at L = 16384 for activation_memory, TP 2 with sequence parallelism."""
+    return dict(seq=16384, mbs=1, hidden=4096, ffn=12288, layers=36, tp=2, sequence_parallel=True,
+                query_groups=8, head_dim=128, vocab=151936) | more  # fmt: skip
+
+
+@pytest.mark.parametrize("recompute", ["full", "none"])
+def test_activations_scale_with_cp_and_the_gathered_kv_does_not(recompute):
+    """Every activation but the gathered K/V divides by CP (and by TP under sequence parallelism);
+    the K/V of the whole 2L sequence is one layer's (and its gradient) under full recompute, every
+    layer's under none; none at CP = 1."""
+    kv = 2 * (2 * 16384) * (8 / 2) * 128 * 2  # K and V, bf16, the query groups of a TP rank
+    est = {cp: launch.activation_memory(**shape(cp=cp, recompute=recompute)) for cp in (1, 2, 4, 8)}
+    assert est[1]["kv_gather"] == 0
+    for cp in (2, 4, 8):
+        assert est[cp]["kv_gather"] == (2 * kv if recompute == "full" else 37 * kv)
+        assert est[cp]["total"] - est[cp]["kv_gather"] == pytest.approx(est[1]["total"] / cp)
+        assert est[cp]["logits"] == pytest.approx(2 * (16384 / cp) * (151936 / 2) * 4)
+    tp1 = launch.activation_memory(**shape(cp=4, recompute=recompute, tp=1, sequence_parallel=False))
+    four = est[4]
+    assert four["layers"] + four["logits"] == pytest.approx((tp1["layers"] + tp1["logits"]) / 2)
+    # without recompute every layer's working set is held: far more than the inputs full recompute keeps
+    full = launch.activation_memory(**shape(cp=4, recompute="full"))
+    none = launch.activation_memory(**shape(cp=4, recompute="none"))
+    assert none["layers"] > 10 * full["layers"] and none["kv_gather"] == 37 / 2 * full["kv_gather"]
+
+
+def dry_run(tmp_path: Path, init: str, *argv: str) -> tuple[dict, str]:
+    out = launch.main(["--init-from", init, "--data-path", "/data/x", "--save", str(tmp_path / "run"),
+                       "--dry-run", *argv])  # fmt: skip
+    return out["memory"], out["command"]
+
+
+def test_memory_estimate_with_cp(tmp_path, capsys, init):
+    """Through Megatron's estimator: the weights are not divided by CP, the distributed optimizer
+    shards over DP x CP (so CP 4 x DP 1 holds what CP 1 x DP 4 does, and less than DP 1 alone would),
+    and the activations follow CP and the recompute the layout sets; the dry run prints CP's share
+    and its K/V all-gather volume against TP's."""
+    base = ["--model", "qwen3-8b", "--stage", "cpt", "--nodes", "1", "--seq-length", "16384"]
+    cp4, command = dry_run(tmp_path, init, *base)
+    printed = capsys.readouterr().out
+    cp1, _ = dry_run(tmp_path, init, *base, "--extra", "--context-parallel-size 1")
+    assert cp4["weights_and_optimizer_gb"] == pytest.approx(cp1["weights_and_optimizer_gb"])
+    params = 8.19e9 / 2  # Qwen3-8B's weights on a TP rank
+    assert cp4["weights_and_optimizer_gb"] * launch.GB == pytest.approx(params * (6 + 12 / 4), rel=0.01)
+    assert cp4["recompute"] == "none" and cp4["kv_gather_gb"] > 0 and cp1["kv_gather_gb"] == 0
+    assert cp4["activations_gb"] - cp4["kv_gather_gb"] == pytest.approx(cp1["activations_gb"] / 4)
+    assert "TP=2 PP=1 EP=1 CP=4; estimated" in printed and flag(command, "--context-parallel-size") == "4"
+    assert ("# context parallelism: CP=4 splits the 2L = 32768-token sequence into 8192 tokens per GPU; "
+            "no recompute, 2.31 GB of gathered K/V (every layer's, held for backward)"
+            in printed)  # fmt: skip
+    # 3/4 of 2L x (K, V) x 4 groups x 128 x 2 bytes; TP: 4 collectives x 1/2 x 8192 tokens x 4096 x 2 bytes
+    assert ("# communication per layer per GPU (forward; the backward as much again): CP K/V all-gather "
+            "48 MB received vs TP all-gather/reduce-scatter 128 MB") in printed  # fmt: skip
+    full, _ = dry_run(tmp_path, init, *base[:-1], "32768")
+    assert full["recompute"] == "full" and "full recompute" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model, window, nodes", LONG)
+@pytest.mark.filterwarnings("ignore:Please specify --split")  # SFT windows come from their own splits
+def test_long_window_estimates_fit_80_gb(model, window, nodes, tmp_path, capsys, init):
+    """Every shipped long-window layout, for CPT (released and the joint AR loss, whose clean-half
+    logits are the largest addition) and SFT, fits an 80 GB GPU by the estimate, with room left."""
+    for stage, recipe in (("cpt", "released"), ("cpt", "wsd-ar"), ("sft", "released")):
+        memory, _ = dry_run(tmp_path, init, "--model", model, "--stage", stage, "--nodes", str(nodes),
+                            "--seq-length", str(window), "--recipe", recipe)  # fmt: skip
+        assert memory["kv_gather_gb"] > 0 and memory["activations_gb"] > memory["logits_gb"]
+        assert memory["total_gb"] < launch.GPU_MEMORY_GB, (model, window, nodes, stage, recipe, memory)
+        if recipe == "released":
+            assert memory["total_gb"] < 0.9 * launch.GPU_MEMORY_GB, (model, window, nodes, stage, memory)
+    assert "warning: the estimate exceeds" not in capsys.readouterr().out
