@@ -29,11 +29,17 @@ Usage::
     python benchmarks/attention.py --path direct --doc-length 1000  # packed 1000-token documents
     python benchmarks/attention.py --check                          # flex vs dense-mask SDPA only
     python benchmarks/attention.py --sweep --seq-lengths 4096 --block-sizes 4   # tune kernel options
+    python benchmarks/attention.py --fa4      # also FlashAttention-4's causal kernel (flash-attn-4)
 
 ``--kernel-options`` passes FlexAttention kernel options (JSON) to every SDAR measurement; ``--sweep``
 times a list of candidate options (tile sizes, warps, stages, TMA, row safety) at the first ``L``
 and ``B``, then their best forward and backward choices combined, and reports the fastest: the
 value to give ``--sdar-flex-kernel-options``.
+
+``--fa4`` also times FlashAttention-4's causal kernel over the same 2L tokens (``flash_attn.cute``
+from the ``flash-attn-4`` package, compiled on first use; not a library back end), reported under
+``fa4_causal`` with its ratio to the SDPA causal kernel: the per-tile speed an FA4-based SDAR kernel
+could reach. Without the package it is skipped and the reason recorded.
 
 ``--check`` compares the output and gradients of both backends with ``scaled_dot_product_attention``
 under the dense mask of ``megatron_sdar.masks.dense_sdar_mask`` on a small multi-document window
@@ -104,6 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=2e-2,
         help="--check fails when max |flex - sdpa| > tolerance * max |sdpa| for any tensor",
+    )
+    p.add_argument(
+        "--fa4", action="store_true", help="also time FlashAttention-4's causal kernel (package flash-attn-4)"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
@@ -254,7 +263,43 @@ def direct_attention(block_mask, kernel_options: dict | None = None) -> Callable
     return attend
 
 
-def benchmark(args) -> list[dict]:
+def fa4_causal_attention() -> tuple[Callable | None, str | None]:
+    """FlashAttention-4's causal kernel on ``[b, s, h, d]`` tensors, or why it cannot run here."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except Exception as exc:  # not installed, or its CUDA libraries do not load
+        reason = f"flash_attn.cute (package flash-attn-4) not importable: {type(exc).__name__}: {exc}"
+        return None, reason[:500]
+    return (lambda q, k, v: flash_attn_func(q, k, v, causal=True)[0]), None
+
+
+def time_fa4_causal(args, q, k, v, grad, causal_ms: float) -> dict:
+    """One ``fa4_causal`` row: FA4's causal forward+backward over the 2L tokens of ``q``."""
+    seq2 = q.shape[2]
+    attend, reason = fa4_causal_attention()
+    row: dict = {"L": seq2 // 2, "causal_ms": causal_ms}
+    if attend is not None:
+        # [b, h, s, d] -> contiguous [b, s, h, d] leaf tensors (FA4's layout; GQA is native)
+        inputs = [
+            t.detach().transpose(1, 2).contiguous().requires_grad_(t.requires_grad) for t in (q, k, v, grad)
+        ]
+        try:
+            ms = cuda_time(fwd_bwd(attend, *inputs), args.warmup, args.iters)
+            row.update(fa4_causal_ms=ms, ratio=ms / causal_ms)
+        except Exception as exc:  # a kernel that does not compile or run on this GPU is a result
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+        del inputs
+    if reason is not None:
+        row["skipped"] = reason
+        print(f"{seq2 // 2:>6} {'-':>4} {'fa4-causal':>11}  skipped: {reason[:200]}")
+    else:
+        print(f"{seq2 // 2:>6} {'-':>4} {'fa4-causal':>11} {row['fa4_causal_ms']:>9.3f} {causal_ms:>10.3f} "
+              f"{row['ratio']:>7.3f}")  # fmt: skip
+    return row
+
+
+def benchmark(args, extra: dict | None = None) -> list[dict]:
+    """The T1 rows; with ``--fa4``, FA4's causal rows go to ``extra["fa4_causal"]``."""
     from megatron_sdar.attention.flex import build_block_mask
     from megatron_sdar.attention.split import build_split_plan
 
@@ -271,6 +316,8 @@ def benchmark(args) -> list[dict]:
     for seq_len in args.seq_lengths:
         q, k, v, grad = random_qkv(args, 2 * seq_len, "cuda", seed=args.seed)
         causal_ms = cuda_time(fwd_bwd(causal_attention, q, k, v, grad), args.warmup, args.iters)
+        if args.fa4 and extra is not None:
+            extra.setdefault("fa4_causal", []).append(time_fa4_causal(args, q, k, v, grad, causal_ms))
         for block in args.block_sizes:
             if seq_len % block:
                 print(f"{seq_len:>6} {block:>4}  skipped: L is not a multiple of B")
@@ -453,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.sweep:
         results["sweep"] = sweep(args)
     else:
-        results["rows"] = benchmark(args)
+        results["rows"] = benchmark(args, results)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))

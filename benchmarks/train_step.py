@@ -9,7 +9,7 @@ objective and times forward+backward steps:
   noised``: the whole noised half) (Megatron-Core, this library);
 * ``sdar-split`` (opt-in, not run by default: never measured on a GPU yet): the same with the
   ``split`` attention back end (variable-length flash attention plus a FlexAttention band,
-  :mod:`megatron_sdar.attention.split`);
+  :mod:`megatron_sdar.attention.split`; ``--split-band tiles``: the band as compiled torch tiles);
 * ``ar``: Megatron-Core's ``GPTModel`` (as :class:`megatron_sdar.model.ARModel`, RoPE in the core
   attention like the SDAR model) with the causal-LM loss over L tokens (flash SDPA attention,
   :func:`megatron_sdar.model.ar_layer_spec`);
@@ -94,6 +94,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="take the best options of an attention.py --sweep JSON",
+    )
+    p.add_argument(
+        "--split-band",
+        choices=["auto", "tiles"],
+        default="auto",
+        help="sdar-split: the band kernel of the split back end (tiles: compiled torch tiles instead of "
+        "FlexAttention, as attention.py's split-tiles)",
     )
     p.add_argument(
         "--output-positions",
@@ -184,10 +191,13 @@ def build_model(args, objective: str) -> torch.nn.Module:
     if objective in SDAR_BACKENDS:
         from megatron_sdar.model.sdar import build_sdar_model
 
-        return build_sdar_model(
+        model = build_sdar_model(
             config, sdar_config(args, objective), vocab_size=args.vocab_size,
             max_sequence_length=2 * args.seq_length, share_embeddings_and_output_weights=tied,
         ).cuda()  # fmt: skip
+        if SDAR_BACKENDS[objective] == "split":  # the cache its layers share builds the split plans
+            model.mask_cache.split_band = args.split_band
+        return model
     from megatron_sdar.model.ar import ARModel
     from megatron_sdar.model.specs import ar_layer_spec
 

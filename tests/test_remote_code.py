@@ -4,10 +4,11 @@ Dense (Qwen3 with a tokenizer, Llama) and MoE (Qwen3-MoE) models go HF -> Megatr
 added) -> ``convert_mcore_to_hf.py --format sdar``; a fresh interpreter where neither this project
 nor Megatron can be imported loads the folder with ``trust_remote_code=True`` under the installed
 transformers 5.x and under 4.52.4 (the line the released SDAR checkpoints were saved with; installed
-into a cache folder on first use). Checked: no missing or unexpected weights; the training layout's
-noised-half logits equal the project's Megatron model within 1e-4 (fp32); ``generate`` decodes the
-same tokens as ``tools/generate.py`` for every strategy, greedy and sampled with a seed; the
-tokenizer names the mask token.
+into a cache folder on first use). One such interpreter per transformers line checks all three
+exports; each test reads its family's result. Checked: no missing or unexpected weights; the
+training layout's noised-half logits equal the project's Megatron model within 1e-4 (fp32);
+``generate`` decodes the same tokens as ``tools/generate.py`` for every strategy, greedy and sampled
+with a seed; the tokenizer names the mask token.
 """
 
 from __future__ import annotations
@@ -79,29 +80,103 @@ def _qwen3_with_tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
-@pytest.fixture(scope="module", params=["qwen3", "llama", "qwen3_moe"])
-def export(request, tmp_path_factory):
+KINDS = ("qwen3", "llama", "qwen3_moe")
+TEXTS = ["blocks decode", "the mask token stands for"]  # the text prompts of the generate-tool check
+
+
+def _build_export(kind: str, work: Path) -> tuple[str, Path, Path, Path]:
     """(kind, HF source, Megatron checkpoint, SDAR export) for one model family."""
     from tests.test_convert_tool import _tokenizer_and_model
     from tests.test_moe_conversion import hf_moe
     from tools import convert_hf_to_mcore, convert_mcore_to_hf
 
-    work = tmp_path_factory.mktemp(request.param)
     src = work / "hf"
     mask = ["--mask-token", "<|MASK|>"]
-    if request.param == "qwen3":
+    if kind == "qwen3":
         _qwen3_with_tokenizer(src)
-    elif request.param == "llama":
+    elif kind == "llama":
         src, _, _ = _tokenizer_and_model(work)
     else:
         hf_moe(True).save_pretrained(src)
         mask = ["--mask-token", "95"]  # an unused row of the 96-row vocabulary; no tokenizer
-    ckpt, out = work / "ckpt", work / "sdar"
+    # a folder name of its own per family: transformers 4.52 names the remote-code module after it,
+    # and the workers load every family in one interpreter
+    ckpt, out = work / "ckpt", work / f"sdar_{kind}"
     convert_hf_to_mcore.main(
         ["--hf-dir", str(src), "--save", str(ckpt), "--dtype", "fp32", "--block-size", str(BLOCK), *mask]
     )
     convert_mcore_to_hf.main(["--load", str(ckpt), "--save", str(out)])
-    return request.param, src, ckpt, out
+    return kind, src, ckpt, out
+
+
+class Exports:
+    """The exports, what the project computes for each, and what each transformers line's worker
+    computes for all of them, each made once per module on first use: one worker interpreter per
+    transformers line checks every family (an interpreter start costs seconds)."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self.tmp = tmp_path_factory
+        self.built: dict[str, tuple[str, Path, Path, Path]] = {}
+        self.refs: dict[str, tuple[dict, dict]] = {}
+        self.remote: dict[str, dict | str] = {}
+
+    def export(self, kind: str) -> tuple[str, Path, Path, Path]:
+        if kind not in self.built:
+            self.built[kind] = _build_export(kind, self.tmp.mktemp(kind))
+        return self.built[kind]
+
+    def references(self, kind: str) -> tuple[dict, dict]:
+        """(request, what the project computes for it)."""
+        if kind not in self.refs:
+            _, _, ckpt, export_dir = self.export(kind)
+            config = json.loads((export_dir / "config.json").read_text())
+            req = _request(kind, export_dir, config["mask_token_id"], config["vocab_size"], PROMPTS)
+            self.refs[kind] = (
+                req,
+                _project_references(ckpt, export_dir, req, PROMPTS, self.tmp.mktemp("megatron")),
+            )
+        return self.refs[kind]
+
+    def text_prompts(self) -> list[list[int]]:
+        """``TEXTS`` as the qwen3 export's tokenizer encodes them."""
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.export("qwen3")[3])
+        return [tok(t).input_ids for t in TEXTS]
+
+    def worker(self, line: str, pythonpath: Path | None) -> dict:
+        """``{kind: result}`` of one worker interpreter under transformers ``line`` for every family."""
+        if line not in self.remote:
+            requests = []
+            for kind in KINDS:
+                req, _ = self.references(kind)
+                entry = dict(req, name=kind, folder=str(self.export(kind)[3]))
+                if kind == "qwen3":
+                    entry["text_generate"] = [
+                        {"prompts": self.text_prompts(), "kwargs": dict(
+                            remasking_strategy="low_confidence_dynamic", confidence_threshold=0.5,
+                            max_new_tokens=9)}
+                    ]  # fmt: skip
+                requests.append(entry)
+            try:
+                self.remote[line] = _run_worker(requests, self.tmp.mktemp(f"worker-{line}"), pythonpath)
+            except AssertionError as err:  # a failed worker fails every test reading it, run once
+                self.remote[line] = str(err)
+        got = self.remote[line]
+        if isinstance(got, str):
+            pytest.fail(f"the transformers {line} worker failed:\n{got}")
+        return got
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> Exports:
+    return Exports(tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def export(request, exports):
+    """(kind, HF source, Megatron checkpoint, SDAR export) for one model family."""
+    return exports.export(request.param)
 
 
 @pytest.fixture(scope="session")
@@ -139,20 +214,31 @@ def _request(kind: str, export_dir: Path, mask_id: int, vocab: int, prompts: lis
     }
 
 
-def _run_worker(export_dir: Path, request: dict, work: Path, pythonpath: Path | None) -> dict:
+def _run_worker(requests: list[dict], work: Path, pythonpath: Path | None) -> dict:
+    """``{name: result}`` from one worker interpreter that loads every export ``requests`` names."""
     work.mkdir(parents=True, exist_ok=True)
-    torch.save(request, work / "request.pt")
+    torch.save({"exports": requests}, work / "request.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(work / "modules"), OMP_NUM_THREADS="1")
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
+    # stdin closed: from a terminal, transformers 5's AutoTokenizer would wait 15 s for an answer to
+    # whether to trust the folder's remote code (the config's auto_map) before going on without it
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "remote_code_worker.py"), str(export_dir),
-         str(work / "request.pt"), str(work / "result.pt")],
-        cwd=work, env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, str(ROOT / "tests" / "remote_code_worker.py"), str(work / "request.pt"),
+         str(work / "result.pt")],
+        cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(work / "result.pt")
+
+
+def _worker_result(exports: Exports, kind: str, line: str, request: pytest.FixtureRequest) -> dict:
+    """What the ``line`` worker computed for ``kind`` (the test fails with the traceback if it raised)."""
+    pythonpath = request.getfixturevalue("old_transformers") if line == "4.52" else None
+    got = exports.worker(line, pythonpath)[kind]
+    assert "error" not in got, got.get("error")
+    return got
 
 
 def _project_references(
@@ -189,22 +275,18 @@ PROMPTS = [[3, 17, 5], [9, 24, 2, 31, 8, 8, 1, 30, 12]]  # ids every test vocabu
 
 
 @pytest.fixture(scope="module")
-def references(export, tmp_path_factory):
+def references(export, exports):
     """(request, what the project computes for it) once per model family."""
-    kind, _, ckpt, export_dir = export
-    config = json.loads((export_dir / "config.json").read_text())
-    req = _request(kind, export_dir, config["mask_token_id"], config["vocab_size"], PROMPTS)
-    return req, _project_references(ckpt, export_dir, req, PROMPTS, tmp_path_factory.mktemp("megatron"))
+    return exports.references(export[0])
 
 
 @pytest.mark.parametrize("transformers_line", ["installed", "4.52"])
 def test_export_loads_and_matches_without_the_project(
-    export, references, transformers_line, request, tmp_path
+    export, references, transformers_line, exports, request
 ):
-    kind, _, _, export_dir = export
-    pythonpath = request.getfixturevalue("old_transformers") if transformers_line == "4.52" else None
+    kind = export[0]
     req, ref = references
-    got = _run_worker(export_dir, req, tmp_path / "worker", pythonpath)
+    got = _worker_result(exports, kind, transformers_line, request)
 
     if transformers_line == "4.52":
         assert got["transformers"] == "4.52.4"
@@ -230,32 +312,25 @@ def test_export_loads_and_matches_without_the_project(
         assert got["tokenizer_mask_token_id"] == ref["mask_token_id"]
 
 
-def test_generate_tool_and_remote_generate_agree_on_text_prompts(export, tmp_path):
+@pytest.mark.parametrize("transformers_line", ["installed", "4.52"])
+def test_generate_tool_and_remote_generate_agree_on_text_prompts(
+    export, exports, transformers_line, request, tmp_path
+):
     """tools/generate.py on the export (tokenised prompts, its default stop token) and the remote
-    model's generate give the same tokens."""
+    model's generate (in the worker of each transformers line) give the same tokens."""
     kind, _, _, export_dir = export
     if kind != "qwen3":
         pytest.skip("needs the tokenizer the qwen3 export ships")
-    from transformers import AutoTokenizer
-
     from tools import generate as generate_tool
 
     out_json = tmp_path / "out.json"
-    texts = ["blocks decode", "the mask token stands for"]
     generate_tool.main(
-        ["--hf-dir", str(export_dir), *sum((["--prompt", t] for t in texts), []), "--strategy",
+        ["--hf-dir", str(export_dir), *sum((["--prompt", t] for t in TEXTS), []), "--strategy",
          "low_confidence_dynamic", "--tau", "0.5", "--max-new-tokens", "9", "--json-out", str(out_json)]
     )  # fmt: skip
     tool_tokens = json.loads(out_json.read_text())["tokens"]
-    tok = AutoTokenizer.from_pretrained(export_dir)
-    prompts = [tok(t).input_ids for t in texts]
-    req = _request(kind, export_dir, tok.mask_token_id, len(tok), prompts)
-    req["generate"] = [
-        {"prompts": prompts, "kwargs": dict(remasking_strategy="low_confidence_dynamic",
-                                            confidence_threshold=0.5, max_new_tokens=9)}
-    ]  # fmt: skip
-    got = _run_worker(export_dir, req, tmp_path / "worker", None)
-    assert got["generate"][0]["tokens"] == tool_tokens
+    got = _worker_result(exports, kind, transformers_line, request)
+    assert got["text_generate"][0]["tokens"] == tool_tokens
 
 
 def test_export_config_carries_the_released_fields(export):
