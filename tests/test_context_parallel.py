@@ -117,3 +117,42 @@ def test_settings(monkeypatch):
     ):
         with pytest.raises(ValueError, match=message):
             validate_sdar_args(parse(flags, monkeypatch), vocab_size=128)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_flex_attention_of_a_ranks_queries_equals_the_dense_rows():
+    """On CUDA, what a context-parallel rank computes: its queries against the whole sequence's keys
+    with the compiled, query-restricted FlexAttention block mask, forward and backward, equal SDPA
+    with the dense mask's rows (bf16, packed documents crossing chunk and tile boundaries)."""
+    import torch.nn.functional as F
+
+    from megatron_sdar.attention.flex import build_block_mask, compiled_flex_attention
+    from tests.test_gpu_attention import packed_layout
+
+    layout = packed_layout()
+    seq = layout.shape[-1]
+    dense = dense_sdar_mask(layout, "block_causal")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 8, 2 * seq, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(2, 4, 2 * seq, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in "kv")
+    for cp in (2, 4):
+        for rank in range(cp):
+            rows = sequence_index(seq, cp, rank, "cuda")
+            outs, grads = [], []
+            for use_flex in (True, False):
+                qr = q[:, :, rows].detach().clone().requires_grad_()
+                kk, vv = k.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
+                if use_flex:
+                    mask = build_block_mask(layout, "block_causal", compile=True, query_index=rows)
+                    out = compiled_flex_attention()(qr, kk, vv, block_mask=mask, enable_gqa=True)
+                else:
+                    out = F.scaled_dot_product_attention(
+                        qr, kk, vv, attn_mask=dense[:, :, rows], enable_gqa=True
+                    )
+                out.float().square().sum().backward()
+                outs.append(out.float())
+                grads.append([t.grad.float() for t in (qr, kk, vv)])
+            torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
+            for a, b in zip(*grads):
+                torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
