@@ -210,7 +210,7 @@ def data_tokens_per_second(log: str, seq_length: int, global_batch_size: int) ->
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "quickstart"))
+    p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "cpt-from-scratch"))
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seq-length", type=int, default=512)
     p.add_argument("--block-size", type=int, default=4)

@@ -41,12 +41,13 @@ last and wins over any flag the recipe sets (e.g. ``--extra "--sdar-ar-loss-weig
 ``--seq-length`` above 4096 picks the model's long-window layouts when it has them (Qwen3-8B and
 Qwen3-30B-A3B, for L up to 16384 and up to 32768): context parallelism (``--context-parallel-size``)
 splits the 2L sequence over CP ranks (each holds 2L / CP tokens, the matching zig-zag chunks of both
-halves) and every layer all-gathers the keys and values of the whole 2L sequence over them; TP x CP
-stays inside a node. The global batch keeps the stage's tokens per step (CPT: 64 windows of 16384,
-32 of 32768). The dry run prints the per-GPU estimate, what CP holds per GPU, and the bytes a GPU
-receives per layer from CP's K/V all-gather against TP's collectives. CP needs the SDAR objective,
-a ``--seq-length`` that is a multiple of 2 x CP, and the flex (or auto) attention back end; those are
-checked here, before anything starts (``--extra "--context-parallel-size 1"`` turns CP off).
+halves) and every layer all-gathers the clean half's keys and values (L tokens) and the noised ones
+within a block of each rank's chunks over them; TP x CP stays inside a node. The global batch
+keeps the stage's tokens per step (CPT: 64 windows of 16384, 32 of 32768). The dry run prints the
+per-GPU estimate, what CP holds per GPU, and the bytes a GPU receives per layer from CP's K/V
+all-gather against TP's collectives. CP needs the SDAR objective, a ``--seq-length`` that is a
+multiple of 2 x CP, and the flex (or auto) attention back end; those are checked here, before
+anything starts (``--extra "--context-parallel-size 1"`` turns CP off).
 
 The converter records the model it read in ``sdar_architecture.json`` beside the checkpoint. When
 ``--init-from`` has one, its block size and mask token id (those of a released SDAR model) are the
@@ -644,9 +645,10 @@ def activation_memory(
     halves), split again by TP under sequence parallelism. A layer's working set is Megatron's
     per-layer formula (``18 + 4 ffn / h`` bytes per token and hidden unit, no attention-score term:
     the flex kernel keeps none) plus, for MoE, the ``topk`` copies of each routed token (the experts'
-    inputs and outputs, ``4 topk``). Under context parallelism each layer also all-gathers the bf16
-    keys and values of the whole 2L sequence (``kv_groups / TP x head_dim`` wide), which no split
-    shrinks:
+    inputs and outputs, ``4 topk``). Under context parallelism each layer's queries attend bf16 keys
+    and values of ``L + L / CP`` tokens (``kv_groups / TP x head_dim`` wide): the clean half's, all
+    gathered, and the GPU's own noised ones (the few noised keys exchanged at chunk edges, at most
+    ``4 (B - 1) (CP - 1)``, are left out), which no split shrinks:
 
     * ``recompute="full"`` (what the recipes set unless a layout says ``none``): every layer's bf16
       input is kept (``layers``, for each of the PP micro-batches in flight under 1F1B) and one layer
@@ -666,7 +668,7 @@ def activation_memory(
         layer = tokens * hidden * per_token / tp
     else:  # the norms' inputs and the residual stream are whole on every TP rank
         layer = tokens * hidden * (10 + (per_token - 10) / tp)
-    kv = 2 * (2 * seq * mbs) * max(1.0, query_groups / tp) * head_dim * 2 if cp > 1 else 0.0
+    kv = 2 * (seq * mbs * (1 + 1 / cp)) * max(1.0, query_groups / tp) * head_dim * 2 if cp > 1 else 0.0
     if recompute == "full":
         kept = here * tokens * hidden * 2 / sp
         layers_bytes, kv_bytes = kept * pp + layer, 2 * kv
@@ -683,11 +685,12 @@ def communication_per_layer(
     *, seq: int, mbs: int, hidden: int, tp: int, cp: int, query_groups: int, head_dim: int
 ) -> dict:
     """Bytes each GPU receives per layer in the forward (the backward moves as much again): the CP
-    all-gather of the other ranks' bf16 keys and values of the 2L sequence (``(CP-1)/CP x 2L x 2 x
-    kv_groups/TP x head_dim x 2``; the backward reduce-scatters their gradients), and TP's two
+    all-gather of the other ranks' bf16 clean keys and values (``(CP-1)/CP x L x 2 x kv_groups/TP x
+    head_dim x 2``, plus at most ``4 (B - 1)`` noised edge tokens per other rank, left out; the
+    backward reduce-scatters their gradients), and TP's two
     all-gathers and two reduce-scatters of the ``2L / CP`` token activations under sequence
     parallelism (the same volume as its two all-reduces without it)."""
-    kv = 2 * (2 * seq * mbs) * max(1.0, query_groups / tp) * head_dim * 2
+    kv = 2 * (seq * mbs) * max(1.0, query_groups / tp) * head_dim * 2
     tokens = 2 * seq * mbs / cp
     return {"cp_kv_all_gather": (cp - 1) / cp * kv, "tp": 4 * (tp - 1) / tp * tokens * hidden * 2}
 

@@ -54,6 +54,14 @@ class SDARConfig:
     attention_backend: str = "auto"
     flex_kernel_options: dict | None = None  # FlexAttention kernel_options (tile sizes, warps, ...)
     ar_loss_weight: float = 0.0  # W of the joint loss: diffusion + W * next-token CE on the clean half
+    # the largest block a batch may hold (a block-size schedule's largest; None: block_size); context
+    # parallelism exchanges the noised keys within this distance of a rank's chunks
+    largest_block_size: int | None = None
+
+    @property
+    def block_size_bound(self) -> int:
+        """The largest block a micro-batch may hold."""
+        return self.largest_block_size or self.block_size
 
     def __post_init__(self) -> None:
         self.noise_unit = NoiseUnit(self.noise_unit)

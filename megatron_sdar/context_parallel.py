@@ -8,12 +8,14 @@ SDAR attention is causal-shaped at chunk granularity (a query sees keys of its o
 positions, never later ones), so every rank gets the same number of allowed (query, key) pairs up to
 one chunk.
 
-Attention runs each rank's local queries against the keys and values of the whole sequence,
-all-gathered over the CP group (the backward reduce-scatters their gradients), under the SDAR mask
-evaluated on global indices: exact for any packing, block size and block counting, since no
-assumption about where blocks or documents start is needed. Everything else is per token and needs
-no communication; the loss terms are sums that Megatron reduces over the data- and context-parallel
-ranks with ``--calculate-per-token-loss``.
+Attention runs each rank's local queries against the keys a query of theirs may see (:class:`CPPlan`):
+the clean keys and values of the whole window, all-gathered over the CP group (the backward
+reduce-scatters their gradients), its own noised keys, and the noised keys within ``B - 1``
+positions of its chunks held by other ranks (a noised query sees only its own block, of at most
+``B`` positions, so no other noised key can be visible), taken from an all-gather of every rank's
+chunk edges. The SDAR mask is evaluated at global indices, so blocks and documents may cross chunk
+boundaries. Everything else is per token and needs no communication; the loss terms are sums that
+Megatron reduces over the data- and context-parallel ranks with ``--calculate-per-token-loss``.
 
 The data loader of every CP rank reads the whole micro-batch (the noise is drawn per whole window,
 from the sample's seeded generator, so it matches CP=1 exactly), and :func:`slice_micro_batch` keeps
@@ -23,6 +25,7 @@ whole: they are small, and every rank needs the documents and blocks of all keys
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -33,12 +36,21 @@ import torch
 PER_POSITION_FIELDS = ("labels", "eligible", "masked", "mask_prob", "t")
 
 
-def cp_problems(seq_length: int, cp_size: int) -> list[str]:
-    """Why ``--seq-length`` cannot be split over ``cp_size`` context-parallel ranks, if it cannot."""
-    if cp_size > 1 and seq_length % (2 * cp_size):
+def cp_problems(seq_length: int, cp_size: int, block_size: int = 1) -> list[str]:
+    """Why ``--seq-length`` cannot be split over ``cp_size`` context-parallel ranks, if it cannot
+    (``block_size``: the largest block a batch may hold, which a chunk must be able to contain)."""
+    if cp_size == 1:
+        return []
+    if seq_length % (2 * cp_size):
         return [
             f"--context-parallel-size {cp_size} cuts the window into {2 * cp_size} equal chunks "
             f"(two per rank, zig-zag), so --seq-length must be a multiple of {2 * cp_size}, got {seq_length}"
+        ]
+    if seq_length // (2 * cp_size) < block_size:
+        return [
+            f"--context-parallel-size {cp_size} cuts --seq-length {seq_length} into chunks of "
+            f"{seq_length // (2 * cp_size)} positions, shorter than the block size {block_size}: use a "
+            "longer window or a smaller context-parallel size"
         ]
     return []
 
@@ -67,16 +79,64 @@ def sequence_index(seq_len: int, cp_size: int, cp_rank: int, device: Any = None)
     return torch.cat([positions, positions + seq_len]).to(device)
 
 
+@dataclasses.dataclass(frozen=True)
+class CPPlan:
+    """What context-parallel rank ``rank`` exchanges and attends, for windows of ``seq_len`` and
+    blocks of at most ``halo + 1`` positions (index tensors on the CPU; :meth:`to` moves them).
+
+    * ``query_index``: its ``2L / cp`` tokens' indices in the ``2L`` sequence (noised, then clean);
+    * ``edge_rows``: the rows of its noised half it contributes to the edge all-gather (the first
+      and last ``halo`` positions of each chunk), the same count on every rank;
+    * ``halo_rows``: which rows of the gathered edges (rank-major) are the noised positions within
+      ``halo`` of its chunks that other ranks hold, each once;
+    * ``clean_order``: the rows of the gathered clean halves (rank-major) in position order;
+    * ``key_index``: the keys' indices in the ``2L`` sequence, in the order attention sees them: its
+      noised tokens, the halo, every clean position.
+    """
+
+    query_index: torch.Tensor
+    edge_rows: torch.Tensor
+    halo_rows: torch.Tensor
+    clean_order: torch.Tensor
+    key_index: torch.Tensor
+
+    def to(self, device: Any) -> CPPlan:
+        return CPPlan(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
+
 @functools.cache
-def _global_order(seq_len: int, cp_size: int) -> torch.Tensor:
-    gathered = torch.cat([sequence_index(seq_len, cp_size, r) for r in range(cp_size)])
-    return torch.argsort(gathered)
+def _plan(seq_len: int, cp_size: int, rank: int, halo: int) -> CPPlan:
+    chunk = seq_len // (2 * cp_size)
+    if halo >= chunk:
+        raise ValueError(cp_problems(seq_len, cp_size, halo + 1)[0])
+    edges = sorted({*range(halo), *range(chunk - halo, chunk)})  # rows of one chunk
+    edge_rows = torch.tensor(edges + [chunk + e for e in edges], dtype=torch.long)
+    holder = {}  # position -> row in the gathered edges (rank-major), first occurrence
+    for r in range(cp_size):
+        for i, p in enumerate(_positions(seq_len, cp_size, r)[edge_rows].tolist()):
+            holder.setdefault(p, r * len(edge_rows) + i)
+    own = _positions(seq_len, cp_size, rank)
+    held = set(own.tolist())
+    near = set()
+    for start in (own[0].item(), own[chunk].item()):
+        near.update(range(max(start - halo, 0), start))
+        near.update(range(start + chunk, min(start + chunk + halo, seq_len)))
+    halo_positions = sorted(near - held)
+    clean = torch.cat([_positions(seq_len, cp_size, r) for r in range(cp_size)])
+    return CPPlan(
+        query_index=torch.cat([own, own + seq_len]),
+        edge_rows=edge_rows,
+        halo_rows=torch.tensor([holder[p] for p in halo_positions], dtype=torch.long),
+        clean_order=torch.argsort(clean),
+        key_index=torch.cat(
+            [own, torch.tensor(halo_positions, dtype=torch.long), torch.arange(seq_len) + seq_len]
+        ),
+    )
 
 
-def global_order(seq_len: int, cp_size: int, device: Any = None) -> torch.Tensor:
-    """For the rank-major concatenation of every rank's tokens, the row holding each of the ``2L``
-    sequence positions: ``gathered[global_order]`` is the sequence in its own order."""
-    return _global_order(seq_len, cp_size).to(device)
+def cp_plan(seq_len: int, cp_size: int, rank: int, halo: int, device: Any = None) -> CPPlan:
+    """The :class:`CPPlan` of rank ``rank`` (cached per arguments), on ``device``."""
+    return _plan(seq_len, cp_size, rank, halo).to(device)
 
 
 def slice_micro_batch(
@@ -116,12 +176,42 @@ class _GatherRows(torch.autograd.Function):
         return out, None
 
 
-def gather_sequence(local: torch.Tensor, seq_len: int, group: Any) -> torch.Tensor:
-    """``[2L, ...]`` in sequence order from every rank's ``[2L / cp, ...]`` (first dimension); in
-    backward each rank receives the sum of the gradients of its rows over the group."""
-    cp_size = torch.distributed.get_world_size(group)
-    gathered = _GatherRows.apply(local, group)
-    return gathered.index_select(0, global_order(seq_len, cp_size, local.device))
+def gather_rows(local: torch.Tensor, group: Any) -> torch.Tensor:
+    """Every rank's ``local`` (same shape) stacked rank-major along the first dimension; in backward
+    each rank receives the sum of the gradients of its rows over the group."""
+    return _GatherRows.apply(local, group)
+
+
+def attended_keys(tensor: torch.Tensor, plan: CPPlan, group: Any) -> torch.Tensor:
+    """The keys (or values) of ``plan.key_index`` from this rank's ``[2L / cp, ...]`` ones: its noised
+    rows, the halo from the gathered chunk edges, and the gathered clean halves in position order."""
+    half = tensor.shape[0] // 2
+    noised, clean = tensor[:half], tensor[half:]
+    edges = gather_rows(noised.index_select(0, plan.edge_rows), group)
+    everyone = gather_rows(clean, group)
+    return torch.cat(
+        [noised, edges.index_select(0, plan.halo_rows), everyone.index_select(0, plan.clean_order)]
+    )
+
+
+def block_size_problem(layout: torch.Tensor, bound: int) -> str | None:
+    """Why ``layout`` ``[b, 2+, L]`` cannot be split by context parallelism with blocks of at most
+    ``bound`` positions (a longer block), if it cannot. Runs where the layout is (the host)."""
+    docs, blocks = layout[:, 0], layout[:, 1]
+    change = torch.ones_like(docs, dtype=torch.bool)
+    change[:, 1:] = (docs[:, 1:] != docs[:, :-1]) | (blocks[:, 1:] != blocks[:, :-1])
+    starts = change.reshape(-1).nonzero().squeeze(1)
+    ends = torch.cat([starts[1:], starts.new_tensor([change.numel()])])
+    row_ends = (starts // docs.shape[1] + 1) * docs.shape[1]
+    longest = int(torch.minimum(ends, row_ends).sub(starts).max()) if starts.numel() else 0
+    if longest > bound:
+        return (
+            f"a micro-batch holds a block of {longest} positions, longer than the largest block size "
+            f"{bound} the model was built for; context parallelism exchanges the noised keys within that "
+            "distance only: pass the block sizes the data was built with (--sdar-block-size, "
+            "--sdar-block-size-schedule)"
+        )
+    return None
 
 
 def context_parallel_rank_and_size() -> tuple[int, int]:

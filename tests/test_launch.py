@@ -633,13 +633,13 @@ def shape(**more) -> dict:
 @pytest.mark.parametrize("recompute", ["full", "none"])
 def test_activations_scale_with_cp_and_the_gathered_kv_does_not(recompute):
     """Every activation but the gathered K/V divides by CP (and by TP under sequence parallelism);
-    the K/V of the whole 2L sequence is one layer's (and its gradient) under full recompute, every
-    layer's under none; none at CP = 1."""
-    kv = 2 * (2 * 16384) * (8 / 2) * 128 * 2  # K and V, bf16, the query groups of a TP rank
+    the attended K/V (the whole clean half and the GPU's own noised tokens) is one layer's (and its
+    gradient) under full recompute, every layer's under none; none at CP = 1."""
     est = {cp: launch.activation_memory(**shape(cp=cp, recompute=recompute)) for cp in (1, 2, 4, 8)}
     assert est[1]["kv_gather"] == 0
     for cp in (2, 4, 8):
-        assert est[cp]["kv_gather"] == (2 * kv if recompute == "full" else 37 * kv)
+        kv = 2 * (16384 + 16384 / cp) * (8 / 2) * 128 * 2  # K and V, bf16, the query groups of a TP rank
+        assert est[cp]["kv_gather"] == pytest.approx(2 * kv if recompute == "full" else 37 * kv)
         assert est[cp]["total"] - est[cp]["kv_gather"] == pytest.approx(est[1]["total"] / cp)
         assert est[cp]["logits"] == pytest.approx(2 * (16384 / cp) * (151936 / 2) * 4)
     tp1 = launch.activation_memory(**shape(cp=4, recompute=recompute, tp=1, sequence_parallel=False))
@@ -673,11 +673,11 @@ def test_memory_estimate_with_cp(tmp_path, capsys, init):
     assert cp4["activations_gb"] - cp4["kv_gather_gb"] == pytest.approx(cp1["activations_gb"] / 4)
     assert "TP=2 PP=1 EP=1 CP=4; estimated" in printed and flag(command, "--context-parallel-size") == "4"
     assert ("# context parallelism: CP=4 splits the 2L = 32768-token sequence into 8192 tokens per GPU; "
-            "no recompute, 2.31 GB of gathered K/V (every layer's, held for backward)"
+            "no recompute, 1.45 GB of gathered K/V (every layer's, held for backward)"
             in printed)  # fmt: skip
-    # 3/4 of 2L x (K, V) x 4 groups x 128 x 2 bytes; TP: 4 collectives x 1/2 x 8192 tokens x 4096 x 2 bytes
+    # 3/4 of L x (K, V) x 4 groups x 128 x 2 bytes; TP: 4 collectives x 1/2 x 8192 tokens x 4096 x 2 bytes
     assert ("# communication per layer per GPU (forward; the backward as much again): CP K/V all-gather "
-            "48 MB received vs TP all-gather/reduce-scatter 128 MB") in printed  # fmt: skip
+            "24 MB received vs TP all-gather/reduce-scatter 128 MB") in printed  # fmt: skip
     full, _ = dry_run(tmp_path, init, *base[:-1], "32768")
     assert full["recompute"] == "full" and "full recompute" in capsys.readouterr().out
 

@@ -110,24 +110,26 @@ class SDARMaskCache:
         layout: torch.Tensor,
         clean_attention: CleanAttention,
         backend: str,
-        query_index: tuple[tuple, torch.Tensor] | None = None,
+        indices: tuple[tuple, torch.Tensor, torch.Tensor] | None = None,
     ) -> Any:
-        """The mask (or split plan) of ``layout`` for the back end. ``query_index`` ``(key, index)``
-        restricts the queries to the ``2L`` sequence positions ``index`` (a context-parallel rank's,
-        identified by ``key``), the keys still being the whole sequence."""
-        rows = None if query_index is None else query_index[1]
+        """The mask (or split plan) of ``layout`` for the back end. ``indices`` ``(key, queries,
+        keys)`` restricts the queries and keys to those positions of the ``2L`` sequence, in that
+        order (a context-parallel rank's, identified by ``key``)."""
+        rows, cols = (None, None) if indices is None else indices[1:]
 
         def build() -> Any:
             if backend == "flex":
-                return build_block_mask(layout, clean_attention, compile=layout.is_cuda, query_index=rows)
+                return build_block_mask(
+                    layout, clean_attention, compile=layout.is_cuda, query_index=rows, key_index=cols
+                )
             if backend == "split":
                 if rows is not None:
                     raise ValueError("the split back end does not restrict its queries (context parallelism)")
                 return build_split_plan(layout, clean_attention, self.split_band, self.host_copy(layout))
             mask = dense_sdar_mask(layout, clean_attention)
-            return mask if rows is None else mask.index_select(2, rows)
+            return mask if rows is None else mask.index_select(2, rows).index_select(3, cols)
 
-        what = ("mask", clean_attention, backend, None if query_index is None else query_index[0])
+        what = ("mask", clean_attention, backend, None if indices is None else indices[0])
         mask, built = self._entries.get((layout,), what, build)
         self.builds += built
         return mask

@@ -32,7 +32,7 @@ from megatron_sdar.attention.cache import SDARMaskCache
 from megatron_sdar.attention.flex import compiled_flex_attention, default_kernel_options
 from megatron_sdar.attention.split import split_sdar_attention
 from megatron_sdar.config import ATTENTION_BACKENDS
-from megatron_sdar.context_parallel import gather_sequence, sequence_index
+from megatron_sdar.context_parallel import attended_keys, cp_plan
 from megatron_sdar.masks import LAYOUT_POSITION, LAYOUT_ROWS, LAYOUT_ROWS_WITH_POSITIONS, CleanAttention
 from megatron_sdar.positions import PositionRotaryEmbedding, apply_rope
 
@@ -102,6 +102,7 @@ class SDARCoreAttention(_ModelBound):
         backend: str = "auto",
         mask_cache: SDARMaskCache | None = None,
         kernel_options: dict | None = None,
+        block_size_bound: int | None = None,
     ) -> None:
         super().__init__(config=config)
         self.softmax_scale = core_attention_scale(
@@ -122,6 +123,8 @@ class SDARCoreAttention(_ModelBound):
         self.mask_cache = mask_cache if mask_cache is not None else SDARMaskCache()
         self.kernel_options = dict(kernel_options) if kernel_options is not None else None
         self.rotary: PositionRotaryEmbedding | None = None
+        # under context parallelism: noised keys within this distance of a rank's chunks are exchanged
+        self.halo = max((block_size_bound or 1) - 1, 0)
 
     def forward(
         self,
@@ -154,31 +157,32 @@ class SDARCoreAttention(_ModelBound):
                 f"query covers {seq} tokens{held} x {batch} rows but the layout describes "
                 f"2 x {window} tokens x {attention_mask.shape[0]} rows"
             )
-        cp = None  # (rank, size, this rank's indices into the 2L sequence) under context parallelism
+        plan, variant = None, ()  # under context parallelism: what this rank exchanges and attends
         if cp_size > 1:
             if self.rotary is None:
                 raise ValueError(
                     "context parallelism needs RoPE in the SDAR core attention (SDARModel binds it)"
                 )
             rank = self._cp_rank()
-            cp = (rank, cp_size, sequence_index(window, cp_size, rank, query.device))
+            plan = cp_plan(window, cp_size, rank, self.halo, query.device)
+            variant = (rank, cp_size, self.halo)
         if self.rotary is not None:  # the layout carries positions: RoPE is applied here
             clean = attention_mask[:, LAYOUT_POSITION]
-            if cp is None:
-                positions, variant = (lambda: torch.cat([clean, clean], dim=-1)), ()
+            if plan is None:
+                positions = lambda: torch.cat([clean, clean], dim=-1)  # noqa: E731
             else:
-                positions, variant = (lambda: clean.index_select(1, cp[2] % window)), cp[:2]
+                positions = lambda: clean.index_select(1, plan.query_index % window)  # noqa: E731
             cos, sin = self.mask_cache.rope_tables(
                 attention_mask, self.rotary, query.dtype, positions, variant
             )
             query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
-        if cp is not None:  # every rank's keys and values, in sequence order
+        if plan is not None:  # the keys and values this rank's queries may see, from every rank
             group = self._cp_process_group()
-            key, value = gather_sequence(key, window, group), gather_sequence(value, window, group)
+            key, value = attended_keys(key, plan, group), attended_keys(value, plan, group)
         backend = resolve_backend(self.backend, query.device)
         mask = self.mask_cache.get(
             attention_mask, self.clean_attention, backend,
-            query_index=None if cp is None else (cp[:2], cp[2]),
+            indices=None if plan is None else (variant, plan.query_index, plan.key_index),
         )  # fmt: skip
         if backend == "split":
             # [s, b, h, d] -> [b, s, h, d] and back

@@ -45,29 +45,33 @@ def build_block_mask(
     block: int = 128,
     compile: bool = False,
     query_index: torch.Tensor | None = None,
+    key_index: torch.Tensor | None = None,
 ):
     """A FlexAttention ``BlockMask`` for the layout, built from the mask function.
 
     With ``compile=True`` (used on CUDA) the construction is compiled so the ``2L x 2L`` boolean
     grid is never materialised; uncompiled construction evaluates the grid in pieces.
-    ``query_index`` (a context-parallel rank's positions in the ``2L`` sequence): the queries are
-    those positions only, the keys the whole sequence.
+    ``query_index`` and ``key_index`` (a context-parallel rank's,
+    :class:`~megatron_sdar.context_parallel.CPPlan`): the queries and keys are those positions of
+    the ``2L`` sequence, in that order; both or neither.
     """
     batch, _, seq_len = layout.shape
     mask_mod = sdar_mask_mod(layout, clean_attention)
-    queries = 2 * seq_len
+    queries = keys = 2 * seq_len
+    if (query_index is None) != (key_index is None):
+        raise ValueError("query_index and key_index go together")
     if query_index is not None:
         whole = mask_mod
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return whole(b, h, query_index[q_idx], kv_idx)
+            return whole(b, h, query_index[q_idx], key_index[kv_idx])
 
-        queries = query_index.numel()
+        queries, keys = query_index.numel(), key_index.numel()
     return compat.create_block_mask(
         mask_mod,
         batch,
         queries,
-        2 * seq_len,
+        keys,
         layout.device,
         block_size=block,
         compile=compile,

@@ -21,7 +21,7 @@ def with_sdar_core_attention(spec: Any, sdar: SDARConfig) -> Any:
     """A copy of a layer or decoder-block spec whose self-attention uses SDAR core attention."""
     builder = partial(
         SDARCoreAttention, clean_attention=sdar.clean_attention, backend=sdar.attention_backend,
-        kernel_options=sdar.flex_kernel_options,
+        kernel_options=sdar.flex_kernel_options, block_size_bound=sdar.block_size_bound,
     )  # fmt: skip
     return with_core_attention(spec, builder)
 

@@ -193,7 +193,21 @@ def sdar_config_from_args(args: argparse.Namespace) -> SDARConfig:
         attention_backend=args.sdar_attention_backend,
         flex_kernel_options=getattr(args, "sdar_flex_kernel_options", None),
         ar_loss_weight=ar_loss_weight(args),
+        largest_block_size=_largest_block_size(args),
     )
+
+
+def _largest_block_size(args: argparse.Namespace) -> int:
+    """``--sdar-block-size``, or the largest of ``--sdar-block-size-schedule`` (when it parses)."""
+    from megatron_sdar.schedule import BlockSizeSchedule
+
+    text = getattr(args, "sdar_block_size_schedule", None)
+    if text:
+        try:
+            return max(BlockSizeSchedule.parse(text).largest, args.sdar_block_size)
+        except ValueError:  # reported by schedule_problems
+            pass
+    return args.sdar_block_size
 
 
 def ar_loss_weight(args: argparse.Namespace) -> float:
@@ -206,7 +220,7 @@ def context_parallel_problems(args: argparse.Namespace) -> list[str]:
     cp = getattr(args, "context_parallel_size", 1)
     if cp == 1:
         return []
-    problems = cp_problems(args.seq_length, cp)
+    problems = cp_problems(args.seq_length, cp, _largest_block_size(args))
     if getattr(args, "sdar_objective", "sdar") != "sdar":
         problems.append(
             "--context-parallel-size > 1 splits the SDAR objective's [x_t ; x_0] sequence; the AR baseline "

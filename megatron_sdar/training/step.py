@@ -17,11 +17,21 @@ import torch
 
 from megatron_sdar.attention.cache import tensor_key
 from megatron_sdar.batch import BATCH_FIELDS, BatchField, SDARBatch, check_batch_shapes
-from megatron_sdar.context_parallel import clean_positions, context_parallel_rank_and_size, slice_micro_batch
+from megatron_sdar.context_parallel import (
+    block_size_problem,
+    clean_positions,
+    context_parallel_rank_and_size,
+    slice_micro_batch,
+)
 from megatron_sdar.embedding_noise import noise_seed
 from megatron_sdar.loss import next_token_targets, sdar_loss
 from megatron_sdar.schedule import BLOCK_SIZE_FIELD, BLOCK_SIZE_KEY, block_size_report
-from megatron_sdar.training.arguments import ar_loss_weight, mask_embedding_noise, output_on_masked
+from megatron_sdar.training.arguments import (
+    ar_loss_weight,
+    mask_embedding_noise,
+    output_on_masked,
+    sdar_config_from_args,
+)
 from megatron_sdar.training.throughput import REPORT_KEY, ThroughputMeter
 
 
@@ -125,6 +135,7 @@ class SDARBatchReader:
         ar_index: bool = False,
         ar_targets: bool = False,
         context_parallel: tuple[int, int] = (0, 1),
+        block_size_bound: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """The next micro-batch on ``device``: every :class:`~megatron_sdar.batch.SDARBatch` field,
         ``layout_host`` (the loader's CPU copy of the layout, for what is planned on the host) and,
@@ -136,7 +147,8 @@ class SDARBatchReader:
         ``context_parallel = (rank, size)``: the micro-batch is read whole, checked, its AR targets
         derived, and then only this rank's part is kept
         (:func:`~megatron_sdar.context_parallel.slice_micro_batch`): the per-position fields and
-        targets at its positions, the position ids and layout whole."""
+        targets at its positions, the position ids and layout whole. ``block_size_bound``, the
+        largest block the model exchanges noised keys for under CP, is checked against the layout."""
         from megatron_sdar.model.sdar import masked_loss_index
 
         if data_iterator is None:
@@ -152,6 +164,9 @@ class SDARBatchReader:
             )
         cp_rank, cp_size = context_parallel
         if cp_size > 1:
+            problem = block_size_problem(host["layout"], block_size_bound or 1)
+            if problem:
+                raise ValueError(problem)
             host = slice_micro_batch(host, cp_size, cp_rank)
             positions = clean_positions(host["layout"].shape[-1], cp_size, cp_rank)
             ar = {name: value.index_select(-1, positions) for name, value in ar.items()}
@@ -224,6 +239,7 @@ class SDARForwardStep:
             data_iterator, device, args.micro_batch_size, args.seq_length, loss_index=selected,
             ar_index=selected and ar_weight > 0, ar_targets=ar_weight > 0,
             context_parallel=(cp_rank, cp_size),
+            block_size_bound=sdar_config_from_args(args).block_size_bound if cp_size > 1 else None,
         )  # fmt: skip
         timers("batch-generator").stop()
         batch = SDARBatch.from_mapping(data)
