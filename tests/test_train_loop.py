@@ -506,8 +506,9 @@ def test_wandb_offline_run_gets_the_same_metrics(logged_run):
 
 def test_mask_embedding_noise_changes_the_first_steps_and_resumes_exactly(corpus, tmp_path):
     """``--sdar-mask-embedding-noise-std 1 --sdar-mask-embedding-noise-iters 3`` in Megatron's loop:
-    the first step's loss differs from the run without it, and a run resumed from iteration 2 (noise
-    still on for its first step) logs and validates what the uninterrupted run did."""
+    the log shows the std for the first 3 steps and 0 after, the first step's loss differs from the
+    run without it, and a run resumed from iteration 2 (noise still on for its first step) logs and
+    validates what the uninterrupted run did."""
     sdar = ["--sdar-mask-token-id", corpus["mask"], "--sdar-block-size", "4"]
     base = [*MODEL, *LOOP, *corpus["data"], *sdar, "--train-iters", "4", "--save-interval", "2",
             "--eval-interval", "4"]  # fmt: skip
@@ -518,6 +519,8 @@ def test_mask_embedding_noise_changes_the_first_steps_and_resumes_exactly(corpus
         [*base, *noise, "--load", str(tmp_path / "a"), "--ckpt-step", "2", "--save", str(tmp_path / "b")]
     )
     whole, after = iterations(straight), iterations(resumed)
+    assert [float(whole[it]["mask emb noise"]) for it in (1, 2, 3, 4)] == [1.0, 1.0, 1.0, 0.0]
+    assert "mask emb noise" not in plain[1]
     assert whole[1]["lm loss"] != plain[1]["lm loss"]
     assert sorted(after) == [3, 4]
     assert {k: after[3][k] for k in METRICS} == {k: whole[3][k] for k in METRICS}

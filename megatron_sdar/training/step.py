@@ -259,6 +259,8 @@ class SDARForwardStep:
             noise = self.embedding_noise(args, model.training)
             if noise is not None:
                 extra["mask_embedding_noise"] = noise
+            if model.training and mask_embedding_noise(args)[0] > 0:  # the log shows when it stops
+                std = torch.tensor([noise[0] if noise is not None else 0.0, 1.0], device=device)
             output = model(
                 batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels,
                 loss_index=data.get("loss_index"), layout_host=data.get("layout_host"), **extra,
@@ -270,6 +272,8 @@ class SDARForwardStep:
         reported = partial(_with_throughput, loss_fn, throughput)
         if BLOCK_SIZE_FIELD in data:
             reported = partial(_with_block_size, reported, block_size_report(data[BLOCK_SIZE_FIELD], device))
+        if args.sdar_objective == "sdar" and model.training and mask_embedding_noise(args)[0] > 0:
+            reported = partial(_with_entry, reported, NOISE_KEY, std)
         return output, reported
 
 
@@ -286,6 +290,15 @@ def _with_throughput(loss_fn, throughput: torch.Tensor, output: torch.Tensor):
     """Add the ``data tokens/s`` pair to the loss function's report."""
     loss_sum, count, report = loss_fn(output)
     return loss_sum, count, {**report, REPORT_KEY: throughput}
+
+
+NOISE_KEY = "mask emb noise"  # the mask-embedding noise's std in this iteration (0 once it stopped)
+
+
+def _with_entry(loss_fn, key: str, pair: torch.Tensor, output: torch.Tensor):
+    """Add a ``[value, count]`` pair under ``key`` to the loss function's report."""
+    loss_sum, count, report = loss_fn(output)
+    return loss_sum, count, {**report, key: pair}
 
 
 def _with_block_size(loss_fn, block_size: torch.Tensor, output: torch.Tensor):
