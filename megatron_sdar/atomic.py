@@ -48,8 +48,12 @@ class Leftover:
         return _process_running(self.pid)
 
 
-def _host() -> str:
+def host_name() -> str:
+    """This host's name as temporary file names record it (letters, digits, ``_.-``)."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "localhost"
+
+
+_host = host_name
 
 
 def _process_running(pid: int) -> bool:

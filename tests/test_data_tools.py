@@ -117,6 +117,37 @@ def test_clear_leftovers_removes_files_of_ended_processes_only(tmp_path):
         alive.wait()
 
 
+def test_clear_leftovers_leaves_other_hosts_files_alone(tmp_path):
+    """Temporary files record their writer's host: on a shared file system a run on another node may
+    still be writing, which cannot be checked from here, so only this host's dead writers' files go."""
+    from megatron_sdar.atomic import host_name
+
+    prefix = str(tmp_path / "out_text_document")
+    dead = finished_pid()
+    mine = [f"{prefix}.tmp-{host_name()}-{dead}.bin", f"{prefix}.tmp-{host_name()}-{dead}.idx"]
+    theirs = f"{prefix}.tmp-node-17.cluster-{dead}.bin"  # a host name with dashes and dots
+    for path in [*mine, theirs]:
+        open(path, "w").close()
+    notes = clear_leftovers([prefix])
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(theirs)]
+    assert any(n.startswith(f"note: removed {', '.join(mine)}") for n in notes)
+    assert any(
+        f"left alone {theirs}: temporary files of process {dead} on host node-17.cluster" in n for n in notes
+    )
+
+
+def test_outputs_are_written_under_host_and_process_names(tmp_path):
+    from megatron_sdar.atomic import host_name
+    from megatron_sdar.data.preprocessing import IndexedOutputs
+
+    prefix = str(tmp_path / "out")
+    with IndexedOutputs({"text": prefix}, {"text": np.int32}) as outputs:
+        outputs.add_document("text", [1, 2, 3])
+        assert os.path.basename(outputs.tmp["text"]) == f"out.tmp-{host_name()}-{os.getpid()}"
+        assert os.path.exists(outputs.tmp["text"] + ".bin")
+    assert sorted(os.listdir(tmp_path)) == ["out.bin", "out.idx"]
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 100.0

@@ -1,10 +1,12 @@
 """Shared by the data tools: safe indexed-dataset output and the report of unusable input lines.
 
-Indexed datasets are written under temporary names (``{prefix}.tmp{pid}.bin/.idx``) and renamed
-together when complete, so an interrupted or failed run removes its temporary files and never
+Indexed datasets are written under temporary names (``{prefix}.tmp-{host}-{pid}.bin/.idx``) and
+renamed together when complete, so an interrupted or failed run removes its temporary files and never
 leaves a ``.bin``/``.idx`` pair that looks valid; existing outputs are only replaced when asked to.
 A run that was killed outright cannot remove its temporary files; the next run for the same output
-does (:func:`clear_leftovers`), unless the process that wrote them is still running.
+on the same host does (:func:`clear_leftovers`), unless the process that wrote them is still
+running. Files of another host (a shared file system) are left alone: whether their writer still
+runs cannot be checked from here.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from typing import Any
 import numpy as np
 
 EXTENSIONS = (".bin", ".idx")
-# what a run writes next to an output prefix: the temporary dataset and scratch files
-TEMPORARY = re.compile(r"\.tmp(\d+)\.(bin|idx|examples)")
+# what a run writes next to an output prefix: the temporary dataset and scratch files (host and pid;
+# earlier versions wrote ``.tmp{pid}``, which is read as this host's)
+TEMPORARY = re.compile(r"\.tmp(?:-(?P<host>.+)-)?(?P<pid>\d+)\.(bin|idx|examples)")
 
 
 def clear_leftovers(prefixes: Iterable[str]) -> list[str]:
@@ -29,14 +32,23 @@ def clear_leftovers(prefixes: Iterable[str]) -> list[str]:
     Files of a process that is still running are left alone. Returns one note per process, saying
     what was removed or kept and why.
     """
-    by_pid: dict[int, list[str]] = {}
+    from megatron_sdar.atomic import host_name
+
+    here = host_name()
+    by_writer: dict[tuple[str, int], list[str]] = {}
     for prefix in prefixes:
         for path in sorted(glob.glob(glob.escape(prefix) + ".tmp*")):
             match = TEMPORARY.fullmatch(path[len(prefix) :])
             if match and os.path.isfile(path):
-                by_pid.setdefault(int(match.group(1)), []).append(path)
+                by_writer.setdefault((match["host"] or here, int(match["pid"])), []).append(path)
     notes = []
-    for pid, paths in sorted(by_pid.items()):
+    for (host, pid), paths in sorted(by_writer.items()):
+        if host != here:
+            notes.append(
+                f"note: left alone {', '.join(paths)}: temporary files of process {pid} on host {host}, "
+                "which cannot be checked from here (remove them if no run there writes this output)"
+            )
+            continue
         why_stale = _stale(pid, paths)
         if why_stale is None:
             notes.append(
@@ -91,7 +103,10 @@ class IndexedOutputs:
             os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
         self.leftovers = clear_leftovers(prefixes.values())
         self.prefixes = prefixes
-        self.tmp = {name: f"{prefix}.tmp{os.getpid()}" for name, prefix in prefixes.items()}
+        from megatron_sdar.atomic import host_name
+
+        writer = f"{host_name()}-{os.getpid()}"
+        self.tmp = {name: f"{prefix}.tmp-{writer}" for name, prefix in prefixes.items()}
         self.scratch_files: list[str] = []
         self.builders = {
             name: IndexedDatasetBuilder(self.tmp[name] + ".bin", dtype=dtypes[name]) for name in prefixes
