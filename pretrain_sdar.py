@@ -37,6 +37,7 @@ def settings_problems(args, tokenizer) -> list[str]:
     from megatron_sdar.conversion.megatron import check_checkpoint_architecture
     from megatron_sdar.schedule import resume_problems as schedule_resume_problems
     from megatron_sdar.training.arguments import logging_problems, sdar_problems, start_checkpoint_problems
+    from megatron_sdar.training.resume import scheduler_resume_problems, warmup_problems
 
     special = {"end-of-document": tokenizer.eod}
     pad = getattr(tokenizer, "pad", None)
@@ -45,6 +46,7 @@ def settings_problems(args, tokenizer) -> list[str]:
     problems = start_checkpoint_problems(args) + logging_problems(args)
     problems += sdar_problems(args, vocab_size=args.padded_vocab_size, special_tokens=special)
     problems += schedule_resume_problems(args)  # the checkpoint's --sdar-block-size-schedule
+    problems += warmup_problems(args) + scheduler_resume_problems(args)  # the learning-rate schedule
     for checkpoint in (args.load, getattr(args, "pretrained_checkpoint", None)):
         try:
             check_checkpoint_architecture(checkpoint, args)

@@ -284,25 +284,11 @@ def resume_problems(args: Any) -> list[str]:
     """A resume (``--load`` holding a checkpoint, no ``--finetune``) whose block-size schedule differs
     from the one the checkpoint recorded. Reads the arguments a ``torch_dist`` checkpoint stores;
     checkpoints of other formats, or that cannot be read here, are left to Megatron."""
-    load = getattr(args, "load", None)
-    if not load or getattr(args, "finetune", False) or "://" in load:
-        return []
-    from megatron_sdar.conversion.megatron import resolve_checkpoint
+    from megatron_sdar.training.resume import checkpoint_args
 
-    step = getattr(args, "ckpt_step", None)
-    try:
-        path = resolve_checkpoint(load, None if step is None else str(step))
-    except ValueError:
+    found = checkpoint_args(args)
+    if found is None:
         return []
-    if os.path.basename(path) == "release":
-        return []  # Megatron starts a release checkpoint at iteration 0
-    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
-
-    try:
-        recorded = load_common_state_dict(path).get("args")
-    except Exception:  # an unreadable checkpoint is Megatron's to report when it loads it
-        return []
-    if recorded is None:
-        return []
+    path, recorded = found
     why = resume_mismatch(recorded, args)
-    return [] if why is None else [f"--load {load} ({os.path.basename(path)}): {why}"]
+    return [] if why is None else [f"--load {args.load} ({os.path.basename(path)}): {why}"]
