@@ -62,6 +62,28 @@ def _run_parallel(path: Path, tp: int, pp: int, extra: list[str], world: int | N
     return results
 
 
+# SFT-style positions (restarting per document), the output layer on the masked positions, the joint
+# AR loss (token-causal clean half) and the mask-embedding noise, together
+SFT_LIKE = ["--position-ids", "document", "--masked-output", "--clean-attention", "causal",
+            "--ar-loss-weight", "0.5", "--embedding-noise", "0.5"]  # fmt: skip
+
+# flags (with their values) of the parallel phase only: the reference runs one process without them
+PARALLEL_ONLY = {"--sp": 0, "--masked-output": 0, "--ep": 1, "--etp": 1, "--vpp": 1, "--cp": 1}
+
+
+def _reference_key(extra: list[str]) -> tuple[str, ...]:
+    """The flags that change the one-process reference (cases differing only in parallel-phase
+    flags share it)."""
+    kept, i = [], 0
+    while i < len(extra):
+        if extra[i] in PARALLEL_ONLY:
+            i += 1 + PARALLEL_ONLY[extra[i]]
+            continue
+        kept.append(extra[i])
+        i += 1
+    return tuple(kept)
+
+
 def _cp_of(extra: list[str]) -> int:
     return int(extra[extra.index("--cp") + 1]) if "--cp" in extra else 1
 
@@ -89,34 +111,32 @@ CASES = {
     # (counted per document) cross the chunk boundaries of these 32-token windows
     # with full recompute, which replays the key/value gather in backward
     "cp2-full-recompute": (1, 1, ["--cp", "2", "--recompute"]),
-    "cp2-sft-positions-masked-output-ar-noise": (
-        1,
-        1,
-        [
-            "--cp",
-            "2",
-            "--position-ids",
-            "document",
-            "--masked-output",
-            "--clean-attention",
-            "causal",
-            "--ar-loss-weight",
-            "0.5",
-            "--embedding-noise",
-            "0.5",
-        ],
-    ),  # fmt: skip
+    "cp2-sft-positions-masked-output-ar-noise": (1, 1, ["--cp", "2", *SFT_LIKE]),
     "cp2-tp2-sequence-parallel": (2, 1, ["--cp", "2", "--sp"]),
     "cp2-pp2": (1, 2, ["--cp", "2"]),
     "cp2-moe-ep2": (1, 1, ["--cp", "2", "--moe", "--ep", "2"]),
 }
 
 
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """One-process references by :func:`_reference_key`, each run once: ``key -> (path, result)``."""
+    folder, found = tmp_path_factory.mktemp("references"), {}
+
+    def get(extra: list[str]) -> tuple[Path, dict]:
+        key = _reference_key(extra)
+        if key not in found:
+            path = folder / f"ref{len(found)}.pt"
+            found[key] = (path, _run_reference(path, list(key)))
+        return found[key]
+
+    return get
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_parallel_matches_single_process(case: str, tmp_path: Path) -> None:
+def test_parallel_matches_single_process(case: str, references) -> None:
     tp, pp, extra = CASES[case]
-    ref_path = tmp_path / "ref.pt"
-    reference = _run_reference(ref_path, extra)
+    ref_path, reference = references(extra)
     results = _run_parallel(ref_path, tp, pp, extra)
     for result in results:
         assert result["failures"] == [], result
