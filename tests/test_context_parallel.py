@@ -166,6 +166,7 @@ def test_settings(monkeypatch):
         (["--context-parallel-size", "2", "--sdar-attention-backend", "split"], "split does not support"),
         (["--context-parallel-size", "2", "--cp-comm-type", "a2a"], "all-gathers keys and values"),
         (["--context-parallel-size", "8", "--sdar-block-size", "8"], "shorter than the block size 8"),
+        (["--context-parallel-size", "2", "--hybrid-context-parallel"], "--hybrid-context-parallel balances"),
     ):
         with pytest.raises(ValueError, match=message):
             validate_sdar_args(parse(flags, monkeypatch), vocab_size=128)

@@ -218,6 +218,11 @@ def ar_loss_weight(args: argparse.Namespace) -> float:
 def context_parallel_problems(args: argparse.Namespace) -> list[str]:
     """``--context-parallel-size`` settings SDAR training cannot run with."""
     cp = getattr(args, "context_parallel_size", 1)
+    if getattr(args, "hybrid_context_parallel", False) and getattr(args, "sdar_objective", "sdar") == "sdar":
+        return [
+            "--hybrid-context-parallel balances packed THD sequences of varying length; SDAR windows "
+            "have a fixed length and their own split: use --context-parallel-size alone"
+        ]
     if cp == 1:
         return []
     problems = cp_problems(args.seq_length, cp, _largest_block_size(args))
