@@ -135,7 +135,13 @@ def _plan(seq_len: int, cp_size: int, rank: int, halo: int) -> CPPlan:
 
 
 def cp_plan(seq_len: int, cp_size: int, rank: int, halo: int, device: Any = None) -> CPPlan:
-    """The :class:`CPPlan` of rank ``rank`` (cached per arguments), on ``device``."""
+    """The :class:`CPPlan` of rank ``rank`` on ``device`` (cached per arguments: every layer of every
+    micro-batch asks for it, and the copy to the device is made once)."""
+    return _plan_on(seq_len, cp_size, rank, halo, None if device is None else torch.device(device))
+
+
+@functools.cache
+def _plan_on(seq_len: int, cp_size: int, rank: int, halo: int, device: torch.device | None) -> CPPlan:
     return _plan(seq_len, cp_size, rank, halo).to(device)
 
 
