@@ -36,7 +36,7 @@ class Leftover:
     pid: int
 
     def here(self) -> bool:
-        return self.host == _host()
+        return self.host == host_name()
 
     def running(self) -> bool:
         """Whether the writer may still run: on this host, its process exists (a zombie does not
@@ -51,9 +51,6 @@ class Leftover:
 def host_name() -> str:
     """This host's name as temporary file names record it (letters, digits, ``_.-``)."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "localhost"
-
-
-_host = host_name
 
 
 def _process_running(pid: int) -> bool:
@@ -79,7 +76,7 @@ def _split(final: str | os.PathLike) -> tuple[str, str]:
 def temporary_name(final: str | os.PathLike) -> str:
     """The temporary folder this process writes *final* under (a sibling of it)."""
     parent, name = _split(final)
-    return os.path.join(parent, f"{name}.tmp-{_host()}-{os.getpid()}")
+    return os.path.join(parent, f"{name}.tmp-{host_name()}-{os.getpid()}")
 
 
 def leftovers(final: str | os.PathLike) -> list[Leftover]:
@@ -103,7 +100,7 @@ def leftovers(final: str | os.PathLike) -> list[Leftover]:
         if m := current.fullmatch(entry):
             found.append(Leftover(path, m["host"], int(m["pid"])))
         elif m := older.fullmatch(entry):
-            found.append(Leftover(path, _host(), int(m["pid"])))
+            found.append(Leftover(path, host_name(), int(m["pid"])))
     return found
 
 

@@ -206,10 +206,10 @@ def block_size_problem(layout: torch.Tensor, bound: int) -> str | None:
     docs, blocks = layout[:, 0], layout[:, 1]
     change = torch.ones_like(docs, dtype=torch.bool)
     change[:, 1:] = (docs[:, 1:] != docs[:, :-1]) | (blocks[:, 1:] != blocks[:, :-1])
+    # every row starts a run, so the runs of the flattened rows never cross a row's end
     starts = change.reshape(-1).nonzero().squeeze(1)
     ends = torch.cat([starts[1:], starts.new_tensor([change.numel()])])
-    row_ends = (starts // docs.shape[1] + 1) * docs.shape[1]
-    longest = int(torch.minimum(ends, row_ends).sub(starts).max()) if starts.numel() else 0
+    longest = int((ends - starts).max()) if starts.numel() else 0
     if longest > bound:
         return (
             f"a micro-batch holds a block of {longest} positions, longer than the largest block size "

@@ -117,7 +117,6 @@ def sdar_loss(
     num_ar = valid.sum()
     counts = torch.stack([count, num_ar])
     if count_group is not None:
-        counts = counts.clone()
         torch.distributed.all_reduce(counts, group=count_group)
     total = loss_sum + (ar_weight * counts[0] / counts[1].clamp_min(1.0)) * ar_sum
     report["lm loss"] = torch.stack([total.detach(), count])

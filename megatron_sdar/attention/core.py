@@ -115,8 +115,8 @@ class SDARCoreAttention(_ModelBound):
                 "the split attention back end does not support context parallelism yet: use "
                 "--sdar-attention-backend flex (or auto) with --context-parallel-size > 1"
             )
-        cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-        object.__setattr__(self, "cp_group", cp_group)  # a process group, not a submodule
+        # a process group, not a submodule
+        object.__setattr__(self, "cp_group", getattr(pg_collection, "cp", None))
         self.layer_number = layer_number
         self.clean_attention = CleanAttention(clean_attention)
         self.backend = backend

@@ -4,6 +4,7 @@ settings, a checkpoint named to start from that is not there, logging that would
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 
@@ -193,21 +194,26 @@ def sdar_config_from_args(args: argparse.Namespace) -> SDARConfig:
         attention_backend=args.sdar_attention_backend,
         flex_kernel_options=getattr(args, "sdar_flex_kernel_options", None),
         ar_loss_weight=ar_loss_weight(args),
-        largest_block_size=_largest_block_size(args),
+        largest_block_size=largest_block_size(args),
     )
 
 
-def _largest_block_size(args: argparse.Namespace) -> int:
+def largest_block_size(args: argparse.Namespace) -> int:
     """``--sdar-block-size``, or the largest of ``--sdar-block-size-schedule`` (when it parses)."""
+    return _largest_block_size(args.sdar_block_size, getattr(args, "sdar_block_size_schedule", None))
+
+
+@functools.cache
+def _largest_block_size(block_size: int, schedule: str | None) -> int:
+    """Cached: the training step asks for it per micro-batch under context parallelism."""
     from megatron_sdar.schedule import BlockSizeSchedule
 
-    text = getattr(args, "sdar_block_size_schedule", None)
-    if text:
+    if schedule:
         try:
-            return max(BlockSizeSchedule.parse(text).largest, args.sdar_block_size)
+            return max(BlockSizeSchedule.parse(schedule).largest, block_size)
         except ValueError:  # reported by schedule_problems
             pass
-    return args.sdar_block_size
+    return block_size
 
 
 def ar_loss_weight(args: argparse.Namespace) -> float:
@@ -225,7 +231,7 @@ def context_parallel_problems(args: argparse.Namespace) -> list[str]:
         ]
     if cp == 1:
         return []
-    problems = cp_problems(args.seq_length, cp, _largest_block_size(args))
+    problems = cp_problems(args.seq_length, cp, largest_block_size(args))
     if getattr(args, "sdar_objective", "sdar") != "sdar":
         problems.append(
             "--context-parallel-size > 1 splits the SDAR objective's [x_t ; x_0] sequence; the AR baseline "

@@ -28,9 +28,9 @@ from megatron_sdar.loss import next_token_targets, sdar_loss
 from megatron_sdar.schedule import BLOCK_SIZE_FIELD, BLOCK_SIZE_KEY, block_size_report
 from megatron_sdar.training.arguments import (
     ar_loss_weight,
+    largest_block_size,
     mask_embedding_noise,
     output_on_masked,
-    sdar_config_from_args,
 )
 from megatron_sdar.training.throughput import REPORT_KEY, ThroughputMeter
 
@@ -239,7 +239,7 @@ class SDARForwardStep:
             data_iterator, device, args.micro_batch_size, args.seq_length, loss_index=selected,
             ar_index=selected and ar_weight > 0, ar_targets=ar_weight > 0,
             context_parallel=(cp_rank, cp_size),
-            block_size_bound=sdar_config_from_args(args).block_size_bound if cp_size > 1 else None,
+            block_size_bound=largest_block_size(args) if cp_size > 1 else None,
         )  # fmt: skip
         timers("batch-generator").stop()
         batch = SDARBatch.from_mapping(data)
@@ -249,6 +249,7 @@ class SDARForwardStep:
         throughput = self.meter.report(
             data_tokens, model.training, device, parallel_state.get_data_parallel_world_size()
         )
+        noise_report = None  # the mask-embedding noise's std in this step, when it is configured
         if args.sdar_objective == "ar":
             output, loss_fn = ar_forward(model, batch)
         else:
@@ -260,7 +261,7 @@ class SDARForwardStep:
             if noise is not None:
                 extra["mask_embedding_noise"] = noise
             if model.training and mask_embedding_noise(args)[0] > 0:  # the log shows when it stops
-                std = torch.tensor([noise[0] if noise is not None else 0.0, 1.0], device=device)
+                noise_report = torch.tensor([noise[0] if noise is not None else 0.0, 1.0], device=device)
             output = model(
                 batch.input_ids, batch.position_ids, batch.layout, labels=batch.labels,
                 loss_index=data.get("loss_index"), layout_host=data.get("layout_host"), **extra,
@@ -269,11 +270,12 @@ class SDARForwardStep:
                 sdar_loss, batch=batch, normalizer=args.sdar_loss_normalizer, ar_weight=ar_weight,
                 ar_valid=data.get("ar_valid"), count_group=_context_parallel_group(cp_size),
             )  # fmt: skip
-        reported = partial(_with_throughput, loss_fn, throughput)
+        reported = partial(_with_entry, loss_fn, REPORT_KEY, throughput)
         if BLOCK_SIZE_FIELD in data:
-            reported = partial(_with_block_size, reported, block_size_report(data[BLOCK_SIZE_FIELD], device))
-        if args.sdar_objective == "sdar" and model.training and mask_embedding_noise(args)[0] > 0:
-            reported = partial(_with_entry, reported, NOISE_KEY, std)
+            block_sizes = block_size_report(data[BLOCK_SIZE_FIELD], device)
+            reported = partial(_with_entry, reported, BLOCK_SIZE_KEY, block_sizes)
+        if noise_report is not None:
+            reported = partial(_with_entry, reported, NOISE_KEY, noise_report)
         return output, reported
 
 
@@ -286,25 +288,14 @@ def _context_parallel_group(cp_size: int) -> Any:
     return parallel_state.get_context_parallel_group()
 
 
-def _with_throughput(loss_fn, throughput: torch.Tensor, output: torch.Tensor):
-    """Add the ``data tokens/s`` pair to the loss function's report."""
-    loss_sum, count, report = loss_fn(output)
-    return loss_sum, count, {**report, REPORT_KEY: throughput}
-
-
 NOISE_KEY = "mask emb noise"  # the mask-embedding noise's std in this iteration (0 once it stopped)
 
 
 def _with_entry(loss_fn, key: str, pair: torch.Tensor, output: torch.Tensor):
-    """Add a ``[value, count]`` pair under ``key`` to the loss function's report."""
+    """Add a ``[value, count]`` pair under ``key`` to the loss function's report (the data tokens/s,
+    the samples' block sizes under a schedule, the mask-embedding noise)."""
     loss_sum, count, report = loss_fn(output)
     return loss_sum, count, {**report, key: pair}
-
-
-def _with_block_size(loss_fn, block_size: torch.Tensor, output: torch.Tensor):
-    """Add the ``block size`` pair (the samples' block sizes under a schedule) to the report."""
-    loss_sum, count, report = loss_fn(output)
-    return loss_sum, count, {**report, BLOCK_SIZE_KEY: block_size}
 
 
 def ar_forward(model, batch) -> tuple[torch.Tensor, Any]:
