@@ -633,13 +633,14 @@ def conversion_parity(
     import transformers
 
     from megatron_sdar.conversion.hf import DTYPES
+    from megatron_sdar.data.tokenizer import load_hf_tokenizer
     from megatron_sdar.inference.loading import load_backend
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, DTYPES[precision])
     backend, _, _ = load_backend(load=converted, device=device, dtype=dtype)
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    tokenizer = load_hf_tokenizer(hf_dir)
     vocab = hf.config.vocab_size
     agree = tokens = 0
     diff = 0.0
